@@ -1,0 +1,3 @@
+"""voucher-jobs: the background jobs of a voucher backend."""
+
+__version__ = "0.1.0"

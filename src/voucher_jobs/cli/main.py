@@ -1,0 +1,318 @@
+"""The `voucher-jobs` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from voucher_jobs import logs
+from voucher_jobs.cli.errors import CliError, ExitCode, report
+from voucher_jobs.cli.progress import progress_reporter
+from voucher_jobs.config import ENV_NAMES, ArchiveMode, Settings, load_settings
+from voucher_jobs.data import ledger, migrate
+from voucher_jobs.data.engine import create_db_engine, mask_url
+from voucher_jobs.jobs import audit_archival, voucher_expired
+from voucher_jobs.jobs.base import BatchLimits
+from voucher_jobs.runner import execute
+
+HELP = """Run the background jobs of a voucher backend.
+
+Settings come from environment variables or a .env file in the working
+directory: DATABASE_URL, VOUCHER_AUDIT_RETENTION_DAYS and VOUCHER_JOBS_*.
+`voucher-jobs config` shows the effective values.
+
+Exit codes: 0 done, 1 run failed, 2 invalid input or setting, 3 the job is
+already running, 4 database unreachable or not migrated, 5 stopped by a
+signal before finishing.
+"""
+
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+run_app = typer.Typer(help="Run one job now.", no_args_is_help=True)
+db_app = typer.Typer(help="Create or upgrade the database schema.", no_args_is_help=True)
+app.add_typer(run_app, name="run")
+app.add_typer(db_app, name="db")
+
+stdout = Console(highlight=False, soft_wrap=True)
+
+
+class State:
+    verbose = 0
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
+                       help="-v: log every batch and show tracebacks; -vv: also SQL.")] = 0,
+) -> None:
+    State.verbose = verbose
+    logs.configure(verbose)
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def _engine(settings: Settings):
+    return create_db_engine(settings.database_url)
+
+
+def _ready_engine(settings: Settings):
+    engine = _engine(settings)
+    migrate.require_current(engine)
+    return engine
+
+
+def parse_time(value: str | None, option: str) -> datetime | None:
+    """Parse an ISO 8601 instant that carries its UTC offset."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise CliError(
+            f"{option} {value!r} is not an ISO 8601 time. "
+            "Use a form such as 2026-12-04T10:00:00Z.",
+            ExitCode.INVALID_INPUT,
+        ) from None
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise CliError(
+            f"{option} {value!r} has no time zone. Add Z for UTC or an offset "
+            "such as +01:00.",
+            ExitCode.INVALID_INPUT,
+        )
+    return parsed
+
+
+AtOption = Annotated[Optional[str], typer.Option(
+    "--at", metavar="TIME",
+    help="Reference time instead of the database clock's now, ISO 8601 with a "
+    "zone (2026-12-04T10:00:00Z). For backfills and tests.")]
+DryRunOption = Annotated[bool, typer.Option(
+    "--dry-run", help="Report what would be written or removed; write nothing.")]
+BatchOption = Annotated[Optional[int], typer.Option(
+    "--batch-size", min=1, max=100_000,
+    help="Rows per transaction. [default: $VOUCHER_JOBS_BATCH_SIZE or 1000]")]
+MaxBatchesOption = Annotated[Optional[int], typer.Option(
+    "--max-batches", min=1, help="Stop after this many batches; the next run goes on.")]
+MaxSecondsOption = Annotated[Optional[float], typer.Option(
+    "--max-seconds", min=0.001, help="Stop after the batch that passes this many seconds.")]
+PauseOption = Annotated[Optional[float], typer.Option(
+    "--pause", min=0.0, max=3600.0,
+    help="Seconds to sleep between batches. [default: $VOUCHER_JOBS_BATCH_PAUSE_SECONDS or 0]")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the run record as JSON.")]
+
+
+def _limits(settings: Settings, batch_size, max_batches, max_seconds, pause) -> BatchLimits:
+    return BatchLimits(
+        batch_size=batch_size or settings.batch_size,
+        max_batches=max_batches,
+        max_seconds=max_seconds,
+        pause_seconds=settings.batch_pause_seconds if pause is None else pause,
+    )
+
+
+@run_app.command("voucher-expired")
+def run_voucher_expired(
+    dry_run: DryRunOption = False,
+    at: AtOption = None,
+    batch_size: BatchOption = None,
+    max_batches: MaxBatchesOption = None,
+    max_seconds: MaxSecondsOption = None,
+    pause: PauseOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write one EXPIRED audit row for each live voucher whose expiry has passed.
+
+    A voucher has expired when deleted_at is null and expiry_date <= the
+    reference time (the database clock at run start, or --at).
+    """
+    settings = _settings()
+    parameters = voucher_expired.ExpiryParameters(
+        reference_time=parse_time(at, "--at"),
+        dry_run=dry_run,
+        limits=_limits(settings, batch_size, max_batches, max_seconds, pause),
+    )
+    _run(settings, voucher_expired.NAME, parameters, as_json)
+
+
+@run_app.command("audit-archival")
+def run_audit_archival(
+    mode: Annotated[Optional[ArchiveMode], typer.Option(
+        "--mode", case_sensitive=False,
+        help="delete, archive-table or archive-file. [default: $VOUCHER_JOBS_ARCHIVE_MODE or delete]")] = None,
+    retention_days: Annotated[Optional[int], typer.Option(
+        "--retention-days", min=1, max=36500,
+        help="Rows older than this many days are removed. [default: $VOUCHER_AUDIT_RETENTION_DAYS or 730]")] = None,
+    archive_dir: Annotated[Optional[Path], typer.Option(
+        "--archive-dir", file_okay=False,
+        help="Folder for archive-file mode. [default: $VOUCHER_JOBS_ARCHIVE_DIR or ./archive]")] = None,
+    dry_run: DryRunOption = False,
+    at: AtOption = None,
+    batch_size: BatchOption = None,
+    max_batches: MaxBatchesOption = None,
+    max_seconds: MaxSecondsOption = None,
+    pause: PauseOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete or archive audit rows older than the retention, in short batches.
+
+    The cutoff is the reference time minus the retention, fixed when the run
+    starts; rows with created_at < cutoff are removed.
+    """
+    settings = _settings()
+    parameters = audit_archival.ArchivalParameters(
+        retention_days=retention_days or settings.retention_days,
+        mode=mode or settings.archive_mode,
+        reference_time=parse_time(at, "--at"),
+        dry_run=dry_run,
+        limits=_limits(settings, batch_size, max_batches, max_seconds, pause),
+        archive_dir=archive_dir or settings.archive_dir,
+        archive_file_rows=settings.archive_file_rows,
+    )
+    _run(settings, audit_archival.NAME, parameters, as_json)
+
+
+def _run(settings: Settings, job: str, parameters, as_json: bool) -> None:
+    engine = _ready_engine(settings)
+    with progress_reporter(job, enabled=not as_json) as progress:
+        run, result = execute(engine, job, parameters, trigger="cli", progress=progress)
+    if as_json:
+        stdout.print_json(json.dumps(_run_json(run)))
+    else:
+        stdout.print(_summary(run, result.dry_run), markup=False)
+    if run.status == ledger.INTERRUPTED:
+        raise typer.Exit(ExitCode.INTERRUPTED)
+
+
+def _summary(run: ledger.RunRow, dry_run: bool) -> str:
+    details = run.result or {}
+    seconds = details.get("seconds", 0)
+    if run.job == voucher_expired.NAME:
+        if dry_run:
+            return (f"{run.job}: dry run {run.id}: {details.get('would_write', 0):,} vouchers "
+                    f"would get an EXPIRED row (reference time {details.get('reference_time')})")
+        return (f"{run.job}: run {run.id} {run.status}: wrote {run.rows_affected:,} EXPIRED "
+                f"rows in {seconds:.2f} s (reference time {details.get('reference_time')})")
+    verb = {"delete": "deleted", "archive-table": "moved to voucher_jobs_audit_archive",
+            "archive-file": "archived to files and deleted"}[details.get("mode", "delete")]
+    if dry_run:
+        return (f"{run.job}: dry run {run.id}: {details.get('eligible_at_start', 0):,} rows older "
+                f"than the cutoff {details.get('cutoff')} (oldest {details.get('oldest_eligible')}, "
+                f"newest {details.get('newest_eligible')}); mode {details.get('mode')}")
+    return (f"{run.job}: run {run.id} {run.status}: {run.rows_affected:,} rows {verb} in "
+            f"{seconds:.2f} s (cutoff {details.get('cutoff')})")
+
+
+def _run_json(run: ledger.RunRow) -> dict:
+    from voucher_jobs.runner import to_json
+
+    return to_json(run.__dict__)
+
+
+@app.command("runs")
+def list_runs(
+    job: Annotated[Optional[str], typer.Option("--job", help="Only runs of this job.")] = None,
+    status: Annotated[Optional[str], typer.Option(
+        "--status", help=f"Only runs with this status: {', '.join(ledger.STATUSES)}.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="How many runs.")] = 20,
+    as_json: JsonOption = False,
+) -> None:
+    """Show recent runs, newest first."""
+    if status and status not in ledger.STATUSES:
+        raise CliError(f"--status {status!r} is invalid. Use one of: "
+                       f"{', '.join(ledger.STATUSES)}.", ExitCode.INVALID_INPUT)
+    from voucher_jobs.jobs import JOBS
+
+    if job and job not in JOBS:
+        raise CliError(f"--job {job!r} is not a job. Use one of: {', '.join(JOBS)}.",
+                       ExitCode.INVALID_INPUT)
+    engine = _ready_engine(_settings())
+    rows = ledger.recent_runs(engine, job=job, status=status, limit=limit)
+    if as_json:
+        stdout.print_json(json.dumps([_run_json(row) for row in rows]))
+        return
+    table = Table("id", "job", "trigger", "status", "started (UTC)", "seconds", "rows", "note")
+    for row in rows:
+        seconds = ((row.finished_at - row.started_at).total_seconds()
+                   if row.finished_at else None)
+        note = row.error or ""
+        if row.blocked_by_run_id:
+            note = f"run {row.blocked_by_run_id} was active"
+        elif row.result and row.result.get("dry_run"):
+            note = "dry run"
+        table.add_row(str(row.id), row.job, row.trigger, row.status,
+                      row.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+                      f"{seconds:.2f}" if seconds is not None else "",
+                      f"{row.rows_affected:,}", note)
+    stdout.print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create the tables, or upgrade them to this version's schema.
+
+    Existing vouchers and voucher_audit_logs tables are kept; only missing
+    indexes and voucher-jobs' own voucher_jobs_* tables are added.
+    """
+    settings = _settings()
+    engine = _engine(settings)
+    before, after = migrate.upgrade(engine)
+    target = mask_url(engine.url)
+    if before == after:
+        stdout.print(f"{target}: already at revision {after}", markup=False)
+    else:
+        stdout.print(f"{target}: upgraded from {before or 'an empty schema'} to {after}",
+                     markup=False)
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the schema revision of the database and the one this version needs."""
+    engine = _engine(_settings())
+    stdout.print(f"database: {migrate.current_revision(engine) or 'none'}; "
+                 f"this version: {migrate.head_revision()}", markup=False)
+
+
+@app.command("config")
+def show_config(as_json: JsonOption = False) -> None:
+    """Print the effective settings, with the database password masked."""
+    settings = _settings()
+    values = {
+        ENV_NAMES[name]: (mask_url(value) if name == "database_url" else
+                          value.value if isinstance(value, ArchiveMode) else str(value))
+        for name, value in settings.model_dump().items()
+    }
+    if as_json:
+        stdout.print_json(json.dumps(values))
+        return
+    table = Table("variable", "value")
+    for name, value in values.items():
+        table.add_row(name, value)
+    stdout.print(table)
+
+
+def main() -> None:
+    """Entry point: run the app and turn errors into messages and exit codes."""
+    from voucher_jobs.cli import demo  # noqa: F401 - registers the demo command
+
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(ExitCode.INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 - the top level reports every error
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(ExitCode.INVALID_INPUT)
+        sys.exit(report(exc, verbose=State.verbose > 0))

@@ -1,0 +1,146 @@
+"""Settings, read once from the environment (and a `.env` file) and validated.
+
+Two variables keep the names the voucher backend already uses:
+`DATABASE_URL` and `VOUCHER_AUDIT_RETENTION_DAYS`. Every other setting
+carries the `VOUCHER_JOBS_` prefix. This module imports nothing of the
+project, so every layer may depend on it.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "VOUCHER_JOBS_"
+DEFAULT_DATABASE_URL = "sqlite:///voucher-jobs.db"
+
+
+class ArchiveMode(str, enum.Enum):
+    """What audit-archival does with a row past the retention."""
+
+    DELETE = "delete"
+    ARCHIVE_TABLE = "archive-table"
+    ARCHIVE_FILE = "archive-file"
+
+
+class Settings(BaseSettings):
+    """The effective configuration of one process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    database_url: str = Field(
+        default=DEFAULT_DATABASE_URL,
+        validation_alias=AliasChoices("DATABASE_URL", "VOUCHER_JOBS_DATABASE_URL"),
+        description="SQLAlchemy or backend-style database URL.",
+    )
+    retention_days: int = Field(
+        default=730,
+        ge=1,
+        le=36500,
+        validation_alias=AliasChoices(
+            "VOUCHER_AUDIT_RETENTION_DAYS", "VOUCHER_JOBS_RETENTION_DAYS"
+        ),
+        description="Audit rows older than this many days are archived.",
+    )
+    batch_size: int = Field(
+        default=1000, ge=1, le=100_000, description="Rows per transaction."
+    )
+    archive_mode: ArchiveMode = Field(
+        default=ArchiveMode.DELETE,
+        description="delete, archive-table or archive-file.",
+    )
+    archive_dir: Path = Field(
+        default=Path("archive"), description="Folder for archive-file mode."
+    )
+    archive_file_rows: int = Field(
+        default=100_000,
+        ge=1,
+        le=10_000_000,
+        description="Maximum rows in one archive file.",
+    )
+    batch_pause_seconds: float = Field(
+        default=0.0, ge=0.0, le=3600.0, description="Sleep between two batches."
+    )
+    lock_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0.0,
+        le=600.0,
+        description="How long one statement waits for a row lock before failing.",
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @field_validator("archive_dir")
+    @classmethod
+    def _archive_dir_not_blank(cls, value: Path) -> Path:
+        if not str(value).strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+# Environment variable names by field, as users type them, for error messages
+# and for `voucher-jobs config`.
+ENV_NAMES: dict[str, str] = {
+    "database_url": "DATABASE_URL",
+    "retention_days": "VOUCHER_AUDIT_RETENTION_DAYS",
+    "batch_size": f"{ENV_PREFIX}BATCH_SIZE",
+    "archive_mode": f"{ENV_PREFIX}ARCHIVE_MODE",
+    "archive_dir": f"{ENV_PREFIX}ARCHIVE_DIR",
+    "archive_file_rows": f"{ENV_PREFIX}ARCHIVE_FILE_ROWS",
+    "batch_pause_seconds": f"{ENV_PREFIX}BATCH_PAUSE_SECONDS",
+    "lock_timeout_seconds": f"{ENV_PREFIX}LOCK_TIMEOUT_SECONDS",
+}
+
+
+class ConfigError(Exception):
+    """An invalid setting: names the variable, the value and the fix."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate the settings, raising ConfigError on the first bad value."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """Turn pydantic's error into lines of `NAME=value is invalid: reason`."""
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = ENV_NAMES.get(field, field.upper())
+        value = error.get("input")
+        shown = "(masked)" if field == "database_url" else repr(value)
+        lines.append(f"{name}={shown} is invalid: {error['msg']}. {_hint(field)}")
+    return "\n".join(lines)
+
+
+def _hint(field: str) -> str:
+    hints = {
+        "retention_days": "Set it to a whole number of days from 1 to 36500.",
+        "batch_size": "Set it to a whole number of rows from 1 to 100000.",
+        "archive_mode": "Use one of: delete, archive-table, archive-file.",
+        "archive_file_rows": "Set it to a whole number from 1 to 10000000.",
+        "batch_pause_seconds": "Set it to a number of seconds from 0 to 3600.",
+        "lock_timeout_seconds": "Set it to a number of seconds above 0, at most 600.",
+        "database_url": "Use a URL such as sqlite:///voucher-jobs.db or "
+        "postgresql://user:password@localhost:5432/shop.",
+        "archive_dir": "Set it to a folder path.",
+    }
+    return hints.get(field, "")

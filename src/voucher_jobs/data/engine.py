@@ -1,0 +1,144 @@
+"""Engine creation: URL normalization, session settings and SQLite pragmas.
+
+Backend-style URLs (`postgresql://user:pw@host/db?schema=public`, as ORMs of
+the Node.js world write them) work as they are: the scheme is mapped to the
+psycopg 3 driver, `schema` becomes the session's `search_path`, and query
+parameters that only that ORM understands are dropped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+# Parameters of backend-ORM connection strings that libpq does not know.
+_ORM_ONLY_PARAMETERS = {
+    "schema",
+    "connection_limit",
+    "pool_timeout",
+    "pgbouncer",
+    "statement_cache_size",
+    "socket_timeout",
+    "sslaccept",
+}
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class DatabaseURLError(ValueError):
+    """A DATABASE_URL that cannot be used; the message masks the password."""
+
+
+def mask_url(url: str | URL) -> str:
+    """Render a URL with its password replaced by ***."""
+    try:
+        parsed = url if isinstance(url, URL) else make_url(url)
+    except ArgumentError:
+        return "(unparsable URL)"
+    return parsed.render_as_string(hide_password=True)
+
+
+def normalize_url(raw: str) -> tuple[URL, dict[str, Any]]:
+    """Return the SQLAlchemy URL and connect arguments for a DATABASE_URL."""
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise DatabaseURLError(
+            "DATABASE_URL is not a valid URL. Use a URL such as "
+            "sqlite:///voucher-jobs.db or postgresql://user:password@localhost:5432/shop."
+        ) from None
+
+    backend = url.get_backend_name()
+    if backend in ("postgresql", "postgres"):
+        return _normalize_postgresql(url)
+    if backend == "sqlite":
+        if url.drivername not in ("sqlite", "sqlite+pysqlite"):
+            raise DatabaseURLError(
+                f"DATABASE_URL driver {url.drivername!r} is not supported. "
+                "Use sqlite:///PATH."
+            )
+        return url.set(drivername="sqlite+pysqlite"), {}
+    raise DatabaseURLError(
+        f"DATABASE_URL scheme {url.drivername!r} is not supported "
+        f"({mask_url(url)}). Use postgresql://... or sqlite:///PATH."
+    )
+
+
+def _normalize_postgresql(url: URL) -> tuple[URL, dict[str, Any]]:
+    if url.drivername not in ("postgresql", "postgres", "postgresql+psycopg"):
+        raise DatabaseURLError(
+            f"DATABASE_URL driver {url.drivername!r} is not supported. "
+            "Use postgresql:// (the psycopg 3 driver is chosen for you)."
+        )
+    query = dict(url.query)
+    schema = query.get("schema")
+    options = ["-c timezone=UTC"]
+    if schema:
+        if isinstance(schema, tuple) or not schema.replace("_", "").isalnum():
+            raise DatabaseURLError(
+                f"DATABASE_URL schema={schema!r} is invalid. "
+                "Use a single schema name made of letters, digits and underscores."
+            )
+        options.append(f"-c search_path={schema}")
+    kept = {k: v for k, v in query.items() if k not in _ORM_ONLY_PARAMETERS}
+    kept.setdefault("connect_timeout", "10")
+    normalized = url.set(drivername="postgresql+psycopg", query=kept)
+    return normalized, {"options": " ".join(options)}
+
+
+def create_db_engine(raw_url: str, **engine_options: Any) -> Engine:
+    """Create an engine that stores and reads every timestamp in UTC."""
+    url, connect_args = normalize_url(raw_url)
+    if url.get_backend_name() == "sqlite":
+        return _create_sqlite_engine(url, **engine_options)
+    return create_engine(
+        url, connect_args=connect_args, pool_pre_ping=True, **engine_options
+    )
+
+
+def _create_sqlite_engine(url: URL, **engine_options: Any) -> Engine:
+    if url.database and url.database != ":memory:":
+        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        **engine_options,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # pysqlite's own transaction handling is turned off so that the
+        # "begin" hook below decides how each transaction starts.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # BEGIN IMMEDIATE takes the write lock up front. A deferred
+        # transaction that reads and then writes can fail with "database is
+        # locked" at once when another writer went first; an immediate one
+        # waits up to busy_timeout instead.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def sqlite_path(engine: Engine) -> Path | None:
+    """Return the database file of a SQLite engine, or None for :memory:."""
+    database = engine.url.database
+    if not is_sqlite(engine) or not database or database == ":memory:":
+        return None
+    return Path(database).expanduser().resolve()

@@ -1,0 +1,99 @@
+"""Job locks: at most one holder per job name across processes and hosts.
+
+PostgreSQL: a session-level advisory lock held on a connection of its own
+for the whole run. The server releases it when that connection closes, so a
+process killed with SIGKILL frees the job as soon as its socket drops.
+
+SQLite: an exclusive `flock` on a file beside the database file
+(`<database>.<job>.lock`). SQLite has no lock that outlives a transaction,
+and a run spans many transactions; the kernel releases a `flock` when the
+process dies, which gives the same guarantee as the advisory lock for every
+process that opens the same database file. An in-memory database gets a lock
+local to the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import Connection, Engine, text
+
+from voucher_jobs.data.engine import is_sqlite, sqlite_path
+
+_process_locks: dict[str, threading.Lock] = {}
+_process_locks_guard = threading.Lock()
+
+
+def advisory_key(job: str) -> int:
+    """Return the signed 64-bit advisory lock key for a job name."""
+    digest = hashlib.sha256(f"voucher_jobs:{job}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def job_lock(engine: Engine, job: str) -> Iterator[bool]:
+    """Try to take the job's lock without waiting; yield whether it was taken."""
+    if is_sqlite(engine):
+        path = sqlite_path(engine)
+        lock = _file_lock(path, job) if path else _process_lock(job)
+    else:
+        lock = _advisory_lock(engine, job)
+    with lock as acquired:
+        yield acquired
+
+
+@contextlib.contextmanager
+def _advisory_lock(engine: Engine, job: str) -> Iterator[bool]:
+    key = advisory_key(job)
+    connection: Connection = engine.connect().execution_options(
+        isolation_level="AUTOCOMMIT"
+    )
+    try:
+        acquired = bool(
+            connection.execute(
+                text("SELECT pg_try_advisory_lock(:key)"), {"key": key}
+            ).scalar()
+        )
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    finally:
+        connection.close()
+
+
+@contextlib.contextmanager
+def _file_lock(database: Path, job: str) -> Iterator[bool]:
+    lock_path = database.with_name(f"{database.name}.{job}.lock")
+    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def _process_lock(job: str) -> Iterator[bool]:
+    with _process_locks_guard:
+        lock = _process_locks.setdefault(job, threading.Lock())
+    acquired = lock.acquire(blocking=False)
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            lock.release()

@@ -1,0 +1,177 @@
+"""audit-archival: remove audit rows older than the retention, in short batches.
+
+A row is eligible when `created_at < cutoff`, where
+`cutoff = reference time - retention_days days`. The reference time is read
+once from the database clock when the run starts (or given for a backfill),
+so the cutoff is fixed for the whole run and rows written while it runs are
+never eligible. Retention is at least one day, so the cutoff is never in the
+future.
+
+Modes: `delete` removes the rows; `archive-table` moves them to
+`voucher_jobs_audit_archive` in the transaction that deletes them;
+`archive-file` writes them to verified files first (see archive_files).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from voucher_jobs.config import ArchiveMode
+from voucher_jobs.data.audit_batches import (
+    BatchOutcome,
+    Key,
+    delete_batch,
+    move_batch,
+    summarize_eligible,
+)
+from voucher_jobs.data.clock import database_now
+from voucher_jobs.jobs import archive_files
+from voucher_jobs.jobs.base import BatchLimits, JobContext, JobResult
+
+NAME = "audit-archival"
+
+
+@dataclass(frozen=True)
+class ArchivalParameters:
+    """Parameters of one audit-archival run."""
+
+    retention_days: int
+    mode: ArchiveMode = ArchiveMode.DELETE
+    reference_time: datetime | None = None
+    dry_run: bool = False
+    limits: BatchLimits = BatchLimits()
+    archive_dir: Path = Path("archive")
+    archive_file_rows: int = 100_000
+
+
+def compute_cutoff(reference_time: datetime, retention_days: int) -> datetime:
+    """Return the instant before which audit rows are eligible."""
+    if retention_days < 1:
+        raise ValueError(f"retention_days={retention_days} is invalid: it must be at least 1")
+    return reference_time - timedelta(days=retention_days)
+
+
+def run(engine: Engine, parameters: ArchivalParameters, context: JobContext) -> JobResult:
+    """Archive or delete every row older than the cutoff, batch by batch."""
+    with engine.connect() as connection:
+        reference_time = parameters.reference_time or database_now(connection)
+        cutoff = compute_cutoff(reference_time, parameters.retention_days)
+        summary = summarize_eligible(connection, cutoff)
+        connection.rollback()
+    details = {
+        "mode": parameters.mode.value,
+        "reference_time": reference_time.isoformat(),
+        "cutoff": cutoff.isoformat(),
+        "retention_days": parameters.retention_days,
+        "eligible_at_start": summary["eligible"],
+        "oldest_eligible": summary["oldest"].isoformat() if summary["oldest"] else None,
+        "newest_eligible": summary["newest"].isoformat() if summary["newest"] else None,
+    }
+    context.log("archival_started", **details, dry_run=parameters.dry_run)
+    if parameters.dry_run:
+        return JobResult(rows_affected=0, dry_run=True, details=details)
+
+    if parameters.mode is ArchiveMode.ARCHIVE_FILE:
+        outcome = _run_file_mode(engine, parameters, context, cutoff, summary["eligible"])
+    else:
+        outcome = _run_table_modes(engine, parameters, context, cutoff, reference_time,
+                                   summary["eligible"])
+    removed, batches, interrupted, extra = outcome
+    details.update(removed=removed, batches=batches, **extra)
+    return JobResult(rows_affected=removed, interrupted=interrupted, details=details)
+
+
+def _run_table_modes(engine, parameters, context, cutoff, reference_time, eligible):
+    limits = parameters.limits
+    started = time.monotonic()
+    removed = batches = 0
+    after: Key | None = None
+    context.progress(0, eligible)
+    while True:
+        if parameters.mode is ArchiveMode.ARCHIVE_TABLE:
+            outcome: BatchOutcome = move_batch(
+                engine, cutoff, after, limits.batch_size, context.run_id, reference_time
+            )
+        else:
+            outcome = delete_batch(engine, cutoff, after, limits.batch_size)
+        if outcome.last_key is None:
+            break
+        batches += 1
+        removed += outcome.rows
+        after = outcome.last_key
+        context.progress(removed, eligible)
+        context.log("archival_batch", batch=batches, rows=outcome.rows, last_id=after.id)
+        stop = _should_stop(context, limits, batches, started)
+        if stop is not None:
+            return removed, batches, stop, {}
+    return removed, batches, False, {}
+
+
+def _should_stop(context: JobContext, limits: BatchLimits, batches: int, started: float):
+    """Return True to stop as interrupted, False to stop at a limit, None to go on."""
+    if context.stop_requested():
+        return True
+    if limits.reached(batches, started):
+        return False
+    if limits.pause_seconds:
+        context.sleep(limits.pause_seconds)
+    return None
+
+
+def _run_file_mode(engine, parameters, context, cutoff, eligible):
+    limits = parameters.limits
+    directory = parameters.archive_dir
+    started = time.monotonic()
+    removed = batches = 0
+    files: list[str] = []
+    context.progress(0, eligible)
+
+    def on_batch(rows: int) -> bool:
+        nonlocal removed, batches
+        removed += rows
+        batches += 1
+        context.progress(removed, eligible)
+        return _should_stop(context, limits, batches, started) is None
+
+    # Finish what a crashed or stopped run left: verified files whose rows
+    # are not all deleted yet.
+    for manifest in archive_files.unfinished_files(engine, directory, context.log):
+        context.log("archive_file_resumed", file=manifest.name, rows=manifest.rows)
+        _, complete = archive_files.delete_archived_rows(
+            engine, directory, manifest, limits.batch_size, on_batch
+        )
+        if not complete:
+            return removed, batches, context.stop_requested(), {"files": files}
+
+    after: Key | None = None
+    sequence = 0
+    while True:
+        sequence += 1
+        manifest = archive_files.export_file(
+            engine,
+            directory,
+            cutoff,
+            after,
+            max_rows=parameters.archive_file_rows,
+            page_size=limits.batch_size,
+            run_id=context.run_id,
+            sequence=sequence,
+            stop_requested=context.stop_requested,
+        )
+        if manifest is None:
+            return removed, batches, context.stop_requested(), {"files": files}
+        archive_files.register(engine, manifest)
+        files.append(manifest.name)
+        context.log("archive_file_exported", file=manifest.name, rows=manifest.rows,
+                    sha256=manifest.sha256)
+        after = manifest.last_key
+        _, complete = archive_files.delete_archived_rows(
+            engine, directory, manifest, limits.batch_size, on_batch
+        )
+        if not complete or context.stop_requested() or limits.reached(batches, started):
+            return removed, batches, context.stop_requested(), {"files": files}

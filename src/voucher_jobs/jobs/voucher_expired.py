@@ -1,0 +1,193 @@
+"""voucher-expired: one EXPIRED audit row per voucher per expiry instant.
+
+The rule, used everywhere a voucher's state is decided: a voucher has
+expired at reference time T when it is not soft-deleted (`deleted_at IS
+NULL`) and `expiry_date <= T`, compared to the microsecond. A voucher whose
+expiry is exactly T has expired; one microsecond later it has not.
+
+The job is state-based, not window-based: each run looks at every live
+voucher whose expiry has passed and that has no row in
+`voucher_jobs_expirations` for its current expiry instant. A run that is
+late by hours or weeks catches up in full, and a voucher whose expiry is
+moved gets one more row once the new instant passes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import (
+    Engine,
+    Select,
+    and_,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+)
+
+from voucher_jobs.data.clock import database_now
+from voucher_jobs.data.statements import insert_ignoring_conflicts
+from voucher_jobs.data.schema import expirations, voucher_audit_logs, vouchers
+from voucher_jobs.data.types import (
+    BigId,
+    UTCDateTime,
+    as_utc,
+    iso_utc,
+    json_object,
+    string_literal,
+)
+from voucher_jobs.jobs.base import BatchLimits, JobContext, JobResult
+
+NAME = "voucher-expired"
+ACTION = "EXPIRED"
+ACTOR_TYPE = "SYSTEM"
+
+
+@dataclass(frozen=True)
+class ExpiryParameters:
+    """Parameters of one voucher-expired run.
+
+    `reference_time` None means the database clock at run start.
+    """
+
+    reference_time: datetime | None = None
+    dry_run: bool = False
+    limits: BatchLimits = BatchLimits()
+
+
+def pending_vouchers(reference_time: datetime) -> Select:
+    """Select live vouchers expired at reference_time with no EXPIRED row yet."""
+    already_logged = exists().where(
+        expirations.c.voucher_id == vouchers.c.id,
+        expirations.c.expiry_date == vouchers.c.expiry_date,
+    )
+    return select(vouchers.c.id).where(
+        vouchers.c.deleted_at.is_(None),
+        vouchers.c.expiry_date <= bindparam("reference_time", reference_time, UTCDateTime()),
+        ~already_logged,
+    )
+
+
+def run(engine: Engine, parameters: ExpiryParameters, context: JobContext) -> JobResult:
+    """Write the missing EXPIRED rows in batches of at most batch_size vouchers."""
+    with engine.connect() as connection:
+        reference_time = (
+            as_utc(parameters.reference_time)
+            if parameters.reference_time
+            else database_now(connection)
+        )
+        pending = connection.execute(
+            select(func.count()).select_from(pending_vouchers(reference_time).subquery())
+        ).scalar_one()
+        connection.rollback()
+    context.log(
+        "expiry_started",
+        reference_time=reference_time.isoformat(),
+        pending=pending,
+        dry_run=parameters.dry_run,
+    )
+    details = {"reference_time": reference_time.isoformat(), "pending_at_start": pending}
+    if parameters.dry_run:
+        return JobResult(rows_affected=0, dry_run=True, details={**details, "would_write": pending})
+
+    limits = parameters.limits
+    started = time.monotonic()
+    written = batches = 0
+    after_id = 0
+    interrupted = False
+    context.progress(0, pending)
+    while True:
+        upper_id, inserted = _expire_batch(
+            engine, reference_time, after_id, limits.batch_size, context.run_id
+        )
+        if upper_id is None:
+            break
+        batches += 1
+        written += inserted
+        after_id = upper_id
+        context.progress(written, pending)
+        context.log("expiry_batch", batch=batches, written=inserted, last_voucher_id=upper_id)
+        if context.stop_requested():
+            interrupted = True
+            break
+        if limits.reached(batches, started):
+            break
+        if limits.pause_seconds:
+            context.sleep(limits.pause_seconds)
+
+    details.update(batches=batches, written=written, last_voucher_id=after_id)
+    return JobResult(rows_affected=written, interrupted=interrupted, details=details)
+
+
+def _expire_batch(
+    engine: Engine, reference_time: datetime, after_id: int, batch_size: int, run_id: int
+) -> tuple[int | None, int]:
+    """Log one batch of vouchers with ids above after_id in one transaction.
+
+    Returns the highest voucher id the batch looked at (None when no voucher
+    is left) and the number of EXPIRED rows written.
+
+    Safe under concurrency: the claim in `voucher_jobs_expirations` goes
+    first, with ON CONFLICT DO NOTHING on its (voucher_id, expiry_date) key.
+    When two runs race for a voucher, the second one's insert waits for the
+    first one's transaction and then inserts nothing, so only the run whose
+    claim landed writes the audit row, which it reads back by its run id.
+    """
+    pending = pending_vouchers(reference_time).where(vouchers.c.id > after_id)
+    with engine.begin() as connection:
+        upper_id = connection.execute(
+            select(func.max(pending.order_by(vouchers.c.id).limit(batch_size).subquery().c.id))
+        ).scalar_one()
+        if upper_id is None:
+            return None, 0
+
+        in_batch = pending.where(vouchers.c.id <= upper_id)
+        claims = select(
+            vouchers.c.id,
+            vouchers.c.expiry_date,
+            literal(run_id, BigId),
+            bindparam("logged_at", reference_time, UTCDateTime()),
+        ).where(vouchers.c.id.in_(in_batch.scalar_subquery()))
+        connection.execute(insert_ignoring_conflicts(
+            engine, expirations, ["voucher_id", "expiry_date"]
+        ).from_select(
+            ["voucher_id", "expiry_date", "run_id", "logged_at"], claims
+        ))
+
+        claimed = and_(
+            expirations.c.run_id == run_id,
+            expirations.c.voucher_id > after_id,
+            expirations.c.voucher_id <= upper_id,
+        )
+        audit_rows = select(
+            vouchers.c.id,
+            string_literal(ACTION),
+            string_literal(ACTOR_TYPE),
+            vouchers.c.code,
+            json_object(
+                string_literal("type"),
+                vouchers.c.type,
+                string_literal("expiry_date"),
+                iso_utc(expirations.c.expiry_date),
+                string_literal("run_id"),
+                literal(run_id, BigId),
+            ),
+            bindparam("created_at", reference_time, UTCDateTime()),
+        ).select_from(
+            expirations.join(vouchers, vouchers.c.id == expirations.c.voucher_id)
+        ).where(claimed)
+        result = connection.execute(
+            insert(voucher_audit_logs).from_select(
+                ["voucher_id", "action", "actor_type", "code", "metadata", "created_at"],
+                audit_rows,
+            ).returning(voucher_audit_logs.c.id)
+        )
+        # RETURNING, because psycopg reports no rowcount for INSERT ... SELECT
+        # here. The batch is bounded, so the list is small.
+        return upper_id, len(result.fetchall())
+

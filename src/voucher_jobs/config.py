@@ -12,7 +12,9 @@ import enum
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "VOUCHER_JOBS_"
@@ -78,6 +80,54 @@ class Settings(BaseSettings):
         description="How long one statement waits for a row lock before failing.",
     )
 
+    # Schedules. The cron expressions are checked by voucher_jobs.schedule
+    # when a scheduler starts, because that module owns cron semantics.
+    schedule_timezone: str = Field(
+        default="UTC", description="IANA time zone of the cron schedules."
+    )
+    voucher_expired_schedule: str = Field(
+        default="0 2 * * *", description="Cron expression of voucher-expired."
+    )
+    audit_archival_schedule: str = Field(
+        default="0 3 * * *", description="Cron expression of audit-archival."
+    )
+    voucher_expired_enabled: bool = Field(default=True)
+    audit_archival_enabled: bool = Field(default=True)
+    voucher_expired_max_run_seconds: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    audit_archival_max_run_seconds: float = Field(default=4 * 3600.0, gt=0, le=7 * 86400)
+    catchup_max_lateness_seconds: float = Field(
+        default=86400.0,
+        ge=0,
+        le=30 * 86400,
+        description="A missed fire time older than this gets no catch-up run.",
+    )
+    retry_attempts: int = Field(default=3, ge=0, le=20)
+    retry_base_seconds: float = Field(default=1.0, gt=0, le=600)
+    voucher_expired_heartbeat_url: str | None = Field(default=None)
+    audit_archival_heartbeat_url: str | None = Field(default=None)
+
+    # HTTP API.
+    api_token: SecretStr | None = Field(default=None)
+    api_allow_unauthenticated: bool = Field(default=False)
+    api_host: str = Field(default="127.0.0.1")
+    api_port: int = Field(default=8080, ge=1, le=65535)
+
+    @field_validator("schedule_timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value.strip())
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("is not an IANA time zone name") from None
+        return value.strip()
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().strip()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _database_url_not_blank(cls, value: str) -> str:
@@ -105,6 +155,14 @@ ENV_NAMES: dict[str, str] = {
     "batch_pause_seconds": f"{ENV_PREFIX}BATCH_PAUSE_SECONDS",
     "lock_timeout_seconds": f"{ENV_PREFIX}LOCK_TIMEOUT_SECONDS",
 }
+ENV_NAMES.update(
+    {
+        name: f"{ENV_PREFIX}{name.upper()}"
+        for name in Settings.model_fields
+        if name not in ENV_NAMES
+    }
+)
+SECRET_FIELDS = {"api_token"}
 
 
 class ConfigError(Exception):
@@ -126,8 +184,9 @@ def describe_validation_error(exc: ValidationError) -> str:
         field = str(error["loc"][0]) if error["loc"] else ""
         name = ENV_NAMES.get(field, field.upper())
         value = error.get("input")
-        shown = "(masked)" if field == "database_url" else repr(value)
-        lines.append(f"{name}={shown} is invalid: {error['msg']}. {_hint(field)}")
+        shown = "(masked)" if field in ("database_url", *SECRET_FIELDS) else repr(value)
+        reason = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{name}={shown} is invalid: {reason}. {_hint(field)}")
     return "\n".join(lines)
 
 
@@ -142,5 +201,7 @@ def _hint(field: str) -> str:
         "database_url": "Use a URL such as sqlite:///voucher-jobs.db or "
         "postgresql://user:password@localhost:5432/shop.",
         "archive_dir": "Set it to a folder path.",
+        "schedule_timezone": "Use an IANA name such as UTC or Europe/Berlin.",
+        "api_token": "Use a random string of at least 16 characters.",
     }
     return hints.get(field, "")

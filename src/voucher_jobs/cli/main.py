@@ -15,7 +15,7 @@ from rich.table import Table
 from voucher_jobs import logs
 from voucher_jobs.cli.errors import CliError, ExitCode, report
 from voucher_jobs.cli.progress import progress_reporter
-from voucher_jobs.config import ENV_NAMES, ArchiveMode, Settings, load_settings
+from voucher_jobs.config import ENV_NAMES, SECRET_FIELDS, ArchiveMode, Settings, load_settings
 from voucher_jobs.data import ledger, migrate
 from voucher_jobs.data.engine import create_db_engine, mask_url
 from voucher_jobs.jobs import audit_archival, voucher_expired
@@ -40,7 +40,9 @@ db_app = typer.Typer(help="Create or upgrade the database schema.", no_args_is_h
 app.add_typer(run_app, name="run")
 app.add_typer(db_app, name="db")
 
-stdout = Console(highlight=False, soft_wrap=True)
+# Off a terminal Rich assumes 80 columns; tables read better in logs when wider.
+stdout = Console(highlight=False, soft_wrap=True,
+                 width=None if sys.stdout.isatty() else 160)
 
 
 class State:
@@ -285,18 +287,30 @@ def db_current() -> None:
 def show_config(as_json: JsonOption = False) -> None:
     """Print the effective settings, with the database password masked."""
     settings = _settings()
-    values = {
-        ENV_NAMES[name]: (mask_url(value) if name == "database_url" else
-                          value.value if isinstance(value, ArchiveMode) else str(value))
-        for name, value in settings.model_dump().items()
-    }
+    values = {ENV_NAMES[name]: _shown_value(name, value)
+              for name, value in settings.model_dump().items()}
     if as_json:
         stdout.print_json(json.dumps(values))
         return
-    table = Table("variable", "value")
     for name, value in values.items():
-        table.add_row(name, value)
-    stdout.print(table)
+        stdout.print(f"{name}={value}", markup=False)
+
+
+def _shown_value(name: str, value: object) -> str:
+    """Render a setting for display, hiding passwords, tokens and heartbeat URLs."""
+    if value is None:
+        return "(not set)"
+    if name in SECRET_FIELDS:
+        return "(set, hidden)"
+    if name == "database_url":
+        return mask_url(str(value))
+    if name.endswith("heartbeat_url"):
+        # Monitoring URLs usually carry their secret in the path.
+        scheme, _, rest = str(value).partition("://")
+        return f"{scheme}://{rest.split('/')[0]}/(path hidden)"
+    if isinstance(value, ArchiveMode):
+        return value.value
+    return str(value)
 
 
 def main() -> None:

@@ -20,6 +20,8 @@ from voucher_jobs.data import ledger, migrate
 from voucher_jobs.data.engine import create_db_engine, mask_url
 from voucher_jobs.jobs import audit_archival, voucher_expired
 from voucher_jobs.jobs.base import BatchLimits
+from voucher_jobs.heartbeats import heartbeat_listeners
+from voucher_jobs.job_settings import max_run_seconds, retry_policy
 from voucher_jobs.runner import execute
 
 HELP = """Run the background jobs of a voucher backend.
@@ -185,7 +187,11 @@ def run_audit_archival(
 def _run(settings: Settings, job: str, parameters, as_json: bool) -> None:
     engine = _ready_engine(settings)
     with progress_reporter(job, enabled=not as_json) as progress:
-        run, result = execute(engine, job, parameters, trigger="cli", progress=progress)
+        run, result = execute(
+            engine, job, parameters, trigger="cli", progress=progress,
+            retry=retry_policy(settings), max_seconds=max_run_seconds(job, settings),
+            listeners=heartbeat_listeners(job, settings),
+        )
     if as_json:
         stdout.print_json(json.dumps(_run_json(run)))
     else:

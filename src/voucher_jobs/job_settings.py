@@ -1,0 +1,53 @@
+"""Job parameters and run options derived from the settings, for every trigger.
+
+The CLI, the scheduler and the HTTP API all build a run from here, so a job
+started by any of them uses the same batch size, retention, mode, retries
+and maximum run time.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from voucher_jobs.config import Settings
+from voucher_jobs.jobs import audit_archival, voucher_expired
+from voucher_jobs.jobs.base import BatchLimits
+from voucher_jobs.runner import RetryPolicy
+
+
+def build_parameters(
+    job: str,
+    settings: Settings,
+    *,
+    dry_run: bool = False,
+    reference_time: datetime | None = None,
+    limits: BatchLimits | None = None,
+) -> Any:
+    """Return the parameters of job as the settings define them."""
+    limits = limits or BatchLimits(
+        batch_size=settings.batch_size, pause_seconds=settings.batch_pause_seconds
+    )
+    if job == voucher_expired.NAME:
+        return voucher_expired.ExpiryParameters(
+            reference_time=reference_time, dry_run=dry_run, limits=limits
+        )
+    if job == audit_archival.NAME:
+        return audit_archival.ArchivalParameters(
+            retention_days=settings.retention_days,
+            mode=settings.archive_mode,
+            reference_time=reference_time,
+            dry_run=dry_run,
+            limits=limits,
+            archive_dir=settings.archive_dir,
+            archive_file_rows=settings.archive_file_rows,
+        )
+    raise KeyError(f"unknown job {job!r}")
+
+
+def max_run_seconds(job: str, settings: Settings) -> float:
+    return float(getattr(settings, f"{job.replace('-', '_')}_max_run_seconds"))
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(attempts=settings.retry_attempts, base_seconds=settings.retry_base_seconds)

@@ -17,7 +17,7 @@ from voucher_jobs.cli.errors import CliError, ExitCode, report
 from voucher_jobs.cli.progress import progress_reporter
 from voucher_jobs.config import ENV_NAMES, SECRET_FIELDS, ArchiveMode, Settings, load_settings
 from voucher_jobs.data import ledger, migrate
-from voucher_jobs.data.engine import create_db_engine, mask_url
+from voucher_jobs.data.engine import engine_from_settings, mask_url
 from voucher_jobs.jobs import audit_archival, voucher_expired
 from voucher_jobs.jobs.base import BatchLimits
 from voucher_jobs.heartbeats import heartbeat_listeners
@@ -65,7 +65,7 @@ def _settings() -> Settings:
 
 
 def _engine(settings: Settings):
-    return create_db_engine(settings.database_url)
+    return engine_from_settings(settings)
 
 
 def _ready_engine(settings: Settings):

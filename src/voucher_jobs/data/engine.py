@@ -15,6 +15,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from voucher_jobs.config import Settings
+
 # Parameters of backend-ORM connection strings that libpq does not know.
 _ORM_ONLY_PARAMETERS = {
     "schema",
@@ -90,11 +92,28 @@ def _normalize_postgresql(url: URL) -> tuple[URL, dict[str, Any]]:
     return normalized, {"options": " ".join(options)}
 
 
-def create_db_engine(raw_url: str, **engine_options: Any) -> Engine:
-    """Create an engine that stores and reads every timestamp in UTC."""
+def engine_from_settings(settings: Settings) -> Engine:
+    """Create the engine for DATABASE_URL with the configured lock timeout."""
+    return create_db_engine(
+        settings.database_url, lock_timeout_seconds=settings.lock_timeout_seconds
+    )
+
+
+def create_db_engine(
+    raw_url: str, *, lock_timeout_seconds: float | None = None, **engine_options: Any
+) -> Engine:
+    """Create an engine that stores and reads every timestamp in UTC.
+
+    On PostgreSQL, lock_timeout_seconds bounds how long one statement waits
+    for a row or table lock; the statement then fails with SQLSTATE 55P03,
+    which the runner retries as transient.
+    """
     url, connect_args = normalize_url(raw_url)
     if url.get_backend_name() == "sqlite":
         return _create_sqlite_engine(url, **engine_options)
+    if lock_timeout_seconds is not None:
+        milliseconds = max(1, int(lock_timeout_seconds * 1000))
+        connect_args["options"] += f" -c lock_timeout={milliseconds}"
     return create_engine(
         url, connect_args=connect_args, pool_pre_ping=True, **engine_options
     )

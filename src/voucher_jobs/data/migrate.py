@@ -44,9 +44,13 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     """Apply migrations up to revision; return the revisions before and after."""
     before = current_revision(engine)
     config = _config()
-    with engine.begin() as connection:
+    # The connection must not be in a transaction yet: Alembic then owns the
+    # transaction, which autocommit_block needs so that it can commit it
+    # before CREATE INDEX CONCURRENTLY on an adopted PostgreSQL table.
+    with engine.connect() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+        connection.commit()
     return before, current_revision(engine) or ""
 
 

@@ -63,6 +63,28 @@ def _create_index(name: str, table: str, columns: list[str], adopted: bool, **kw
         op.create_index(name, table, columns, **kw)
 
 
+def _adopt_expired_rows() -> None:
+    """Record EXPIRED rows written before voucher-jobs, so they are not written again.
+
+    An existing EXPIRED row counts for the voucher's current expiry when it
+    was written at or after that expiry; run_id 0 marks such adopted claims.
+    A row older than the current expiry belongs to an earlier expiry, so the
+    current one still gets its own row.
+    """
+    now = "statement_timestamp()" if op.get_bind().dialect.name == "postgresql" else (
+        "strftime('%Y-%m-%d %H:%M:%f000', 'now')"
+    )
+    op.execute(
+        f"""
+        INSERT INTO voucher_jobs_expirations (voucher_id, expiry_date, run_id, logged_at)
+        SELECT DISTINCT v.id, v.expiry_date, 0, {now}
+        FROM voucher_audit_logs AS l
+        JOIN vouchers AS v ON v.id = l.voucher_id
+        WHERE l.action = 'EXPIRED' AND l.created_at >= v.expiry_date
+        """
+    )
+
+
 def upgrade() -> None:
     tables = _existing_tables()
     live_only = sa.text("deleted_at IS NULL")
@@ -121,6 +143,9 @@ def upgrade() -> None:
     op.create_index(
         "ix_voucher_jobs_expirations_run_id", "voucher_jobs_expirations", ["run_id"]
     )
+
+    if logs_adopted and vouchers_adopted:
+        _adopt_expired_rows()
 
     op.create_table(
         "voucher_jobs_runs",

@@ -1,9 +1,9 @@
 """The one place that starts a run, whatever the trigger.
 
-`start` takes the job's lock and records the run in the ledger; the
-returned `ActiveRun` runs the job (in this thread or another) with a stop
-flag, retries transient database errors, enforces the maximum run time and
-records how the run ended. `execute` does both in one call.
+`start` takes the job's lock and records the run in the ledger. The
+returned `ActiveRun` runs the job, in this thread or another, with a stop
+flag. It retries transient database errors, enforces the maximum run time
+and records how the run ended. `execute` does both in one call.
 
 Two refusals come before any work:
 

@@ -157,7 +157,7 @@ _MOVE_BATCH_POSTGRESQL = text(
 def _move_batch_postgresql(engine, cutoff, after, size, run_id, archived_at) -> BatchOutcome:
     # One statement: the DELETE's RETURNING feeds the INSERT, so both act on
     # exactly the same rows even while other sessions write to the table.
-    # ON CONFLICT only matters for an archive that already holds the id,
+    # ON CONFLICT only matters for an archive that already contains the id,
     # such as one restored by hand; the live copy is removed either way.
     start = after or START_KEY
     parameters = {

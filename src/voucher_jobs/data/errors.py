@@ -1,4 +1,4 @@
-"""Which database errors are transient, so that a run may retry them."""
+"""Classification of database errors into transient ones, which a run may retry, and others."""
 
 from __future__ import annotations
 

@@ -22,9 +22,10 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     PostgreSQL stores `timestamp with time zone`. SQLite has no timestamp
     type, so the value is stored as UTC text with six fractional digits
-    (`2026-12-04 10:00:00.000000`); equal widths make text order equal time
-    order, which the expiry and cutoff comparisons rely on. Naive datetimes
-    are rejected instead of being guessed to be local or UTC.
+    (`2026-12-04 10:00:00.000000`). Because every value has the same width,
+    text order is time order, which the expiry and cutoff comparisons rely
+    on. Naive datetimes are rejected instead of being guessed to be local or
+    UTC.
     """
 
     impl = DateTime(timezone=True)
@@ -121,7 +122,7 @@ def as_utc(value: datetime) -> datetime:
 
 
 def string_literal(value: str) -> ColumnElement[Any]:
-    """A SQL string literal with no type, so enum columns accept it too."""
+    """Build a SQL string literal with no type, so that enum columns accept it too."""
     from sqlalchemy import literal_column
 
     escaped = value.replace("'", "''")

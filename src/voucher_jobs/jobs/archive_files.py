@@ -11,11 +11,11 @@ A file goes through these steps, and its rows are deleted only after the last:
    `exported`. Only now are its rows deleted from the live table, by id, in
    short transactions; the status then becomes `complete`.
 
-A crash at any step is repaired by `reconcile` at the start of the next run:
-leftover `.tmp` files and data files without a manifest are removed (none of
-their rows was deleted), a file with a manifest but no registration is
-verified and registered, and a registered file whose rows are not all
-deleted has its deletion finished. Every row thus ends up either live or in
+The next run repairs a crash at any step, in `unfinished_files`. It removes
+leftover `.tmp` files and data files without a manifest, because none of
+their rows was deleted. It verifies and registers a file that has a manifest
+but no registration. It finishes deleting the rows of every registered file
+whose rows are not all deleted. Every row thus ends up either live or in
 exactly one archive file.
 """
 
@@ -49,7 +49,7 @@ class ArchiveFileError(Exception):
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a verified archive file contains."""
+    """The contents of a verified archive file: row count, checksum and key range."""
 
     name: str
     rows: int
@@ -150,8 +150,8 @@ def export_file(
 ) -> Manifest | None:
     """Write the next eligible rows (at most max_rows) to a verified archive file.
 
-    Returns None when no row is eligible or when a stop was requested before
-    the file was complete; in both cases no file is left behind.
+    Returns None when no row is eligible, or when a stop was requested before
+    the file was complete. In both cases no file is left behind.
     """
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"voucher_audit_logs.run{run_id:08d}.{sequence:05d}"

@@ -1,4 +1,4 @@
-"""What every job receives from the runner and what it returns."""
+"""The context a job receives from the runner, and the result it returns."""
 
 from __future__ import annotations
 

@@ -141,7 +141,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("voucher_id", "expiry_date", name="pk_voucher_jobs_expirations"),
     )
     op.create_index(
-        "ix_voucher_jobs_expirations_run_id", "voucher_jobs_expirations", ["run_id"]
+        "ix_voucher_jobs_expirations_run_id_voucher_id",
+        "voucher_jobs_expirations",
+        ["run_id", "voucher_id"],
     )
 
     if logs_adopted and vouchers_adopted:

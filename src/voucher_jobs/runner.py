@@ -11,6 +11,8 @@ Two refusals come before any work:
   as a skipped run that names the active run.
 - FireTimeClaimed: the run carries a run key (the scheduler's job plus fire
   time) that another replica has already recorded. Nothing is recorded.
+  The lock holder instead takes over a row that a replica refused by its
+  lock recorded as skipped under the same key.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ from voucher_jobs.logs import log_event
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 5.0
+# How long a refused attempt waits for the lock holder's running row, which
+# is written right after the lock is taken.
+ACTIVE_RUN_WAIT_SECONDS = 1.0
+# How often a pause between batches checks whether a stop was requested.
+STOP_POLL_SECONDS = 0.1
 TRIGGERS = ("cli", "scheduler", "http", "test")
 
 Listener = Callable[[str, ledger.RunRow], None]
@@ -116,6 +123,21 @@ class StopFlag:
     def wait(self, timeout: float) -> bool:
         return self._event.wait(timeout)
 
+    def sleep(self, seconds: float) -> None:
+        """Sleep up to `seconds`, returning within STOP_POLL_SECONDS once the flag is set.
+
+        It polls instead of calling wait(), because the SIGTERM handler sets
+        the flag in the main thread. In CPython 3.11, Event guards its state
+        with a non-reentrant Lock, so Event.set() in a handler that ran while
+        this thread held that lock inside Event.wait() would deadlock.
+        """
+        deadline = time.monotonic() + seconds
+        while not self():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            time.sleep(min(remaining, STOP_POLL_SECONDS))
+
     def __call__(self) -> bool:
         return self._event.is_set()
 
@@ -187,7 +209,14 @@ def start(
         except IntegrityError:
             if run_key is None:
                 raise
-            raise FireTimeClaimed(job, run_key) from None
+            # A replica that this lock refused can record its skipped row
+            # under the run key before the holder inserts its own. The lock
+            # holder still runs the fire time, in that row.
+            run = ledger.take_over_skipped_run(engine, job=job, run_key=run_key,
+                                               trigger=trigger, parameters=stored,
+                                               host=host, pid=pid)
+            if run is None:
+                raise FireTimeClaimed(job, run_key) from None
     except BaseException:
         stack.close()
         raise
@@ -197,7 +226,7 @@ def start(
 
 
 def _refuse(engine, job, stored, trigger, run_key, host, pid) -> None:
-    active = ledger.active_run(engine, job)
+    active = _wait_for_active_run(engine, job)
     active_id = active.id if active else None
     try:
         skipped = ledger.start_run(
@@ -211,6 +240,20 @@ def _refuse(engine, job, stored, trigger, run_key, host, pid) -> None:
     log_event(logger, "run_skipped", logging.WARNING, job=job, run_id=skipped.id,
               active_run_id=active_id, trigger=trigger, run_key=run_key)
     raise RunRefused(job, active_id, skipped.id)
+
+
+def _wait_for_active_run(engine: Engine, job: str) -> ledger.RunRow | None:
+    """Return job's running row, waiting up to ACTIVE_RUN_WAIT_SECONDS for it to appear.
+
+    The lock holder records its run just after taking the lock, so an attempt
+    refused in between would otherwise find no active run to name.
+    """
+    deadline = time.monotonic() + ACTIVE_RUN_WAIT_SECONDS
+    while True:
+        active = ledger.active_run(engine, job)
+        if active is not None or time.monotonic() >= deadline:
+            return active
+        time.sleep(0.02)
 
 
 class ActiveRun:
@@ -300,7 +343,7 @@ class ActiveRun:
             log_event(job_logger, event, level, run_id=run.id, **fields)
 
         context = JobContext(run_id=run.id, stop_requested=self.stop,
-                             progress=on_progress, log=log)
+                             progress=on_progress, log=log, sleep=self.stop.sleep)
         return JOBS[run.job](self.engine, self.parameters, context)
 
     def _fail(self, exc: Exception, started: float):

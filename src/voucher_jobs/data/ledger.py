@@ -70,6 +70,44 @@ def start_run(
         return _get(connection, run_id)
 
 
+def take_over_skipped_run(
+    engine: Engine,
+    *,
+    job: str,
+    run_key: str,
+    trigger: str,
+    parameters: dict[str, Any],
+    host: str,
+    pid: int,
+) -> RunRow | None:
+    """Turn job's skipped row with run_key into a running run, or return None if there is none.
+
+    Only the holder of the job's lock may call this. The skipped row was
+    written by a replica that the lock refused while the holder was still
+    inserting its own row for the same run key.
+    """
+    with engine.begin() as connection:
+        now = database_now(connection)
+        run_id = connection.execute(
+            update(runs)
+            .where(runs.c.job == job, runs.c.run_key == run_key, runs.c.status == SKIPPED)
+            .values(
+                trigger=trigger,
+                status=RUNNING,
+                parameters=parameters,
+                started_at=now,
+                heartbeat_at=now,
+                finished_at=None,
+                host=host,
+                pid=pid,
+                blocked_by_run_id=None,
+                error=None,
+            )
+            .returning(runs.c.id)
+        ).scalar_one_or_none()
+        return None if run_id is None else _get(connection, run_id)
+
+
 def finish_run(
     engine: Engine,
     run_id: int,
@@ -147,14 +185,25 @@ def get_run(engine: Engine, run_id: int) -> RunRow | None:
 
 
 def recent_runs(
-    engine: Engine, *, job: str | None = None, status: str | None = None, limit: int = 20
+    engine: Engine,
+    *,
+    job: str | None = None,
+    status: str | None = None,
+    limit: int = 20,
+    before_id: int | None = None,
 ) -> list[RunRow]:
-    """Return the newest runs first, optionally of one job or status."""
+    """Return the newest runs first, optionally of one job or status.
+
+    before_id keeps only runs with a smaller id, so a caller pages through
+    the ledger by passing the last id of the previous page.
+    """
     query = select(runs).order_by(runs.c.id.desc()).limit(limit)
     if job:
         query = query.where(runs.c.job == job)
     if status:
         query = query.where(runs.c.status == status)
+    if before_id is not None:
+        query = query.where(runs.c.id < before_id)
     with engine.connect() as connection:
         return [RunRow(**row._mapping) for row in connection.execute(query)]
 

@@ -120,6 +120,9 @@ def _should_stop(context: JobContext, limits: BatchLimits, batches: int, started
         return False
     if limits.pause_seconds:
         context.sleep(limits.pause_seconds)
+        # A stop requested during the pause ends the run before the next batch.
+        if context.stop_requested():
+            return True
     return None
 
 

@@ -21,8 +21,9 @@ class JobContext:
     """Run-scoped services a job uses between batches.
 
     `stop_requested` turns true on SIGTERM or SIGINT; a job checks it after
-    each committed batch and returns early, so no batch is cut in half.
-    `progress` receives rows done and, where known, the total.
+    each committed batch and after each pause, and returns early, so no batch
+    is cut in half. The runner's `sleep` returns early once a stop is
+    requested. `progress` receives rows done and, where known, the total.
     """
 
     run_id: int

@@ -119,6 +119,10 @@ def run(engine: Engine, parameters: ExpiryParameters, context: JobContext) -> Jo
             break
         if limits.pause_seconds:
             context.sleep(limits.pause_seconds)
+            # A stop requested during the pause ends the run before the next batch.
+            if context.stop_requested():
+                interrupted = True
+                break
 
     details.update(batches=batches, written=written, last_voucher_id=after_id)
     return JobResult(rows_affected=written, interrupted=interrupted, details=details)

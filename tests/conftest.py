@@ -9,6 +9,8 @@ VOUCHER_JOBS_REQUIRE_POSTGRES=1, in which case they fail.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import shutil
 import subprocess
@@ -168,3 +170,90 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     database = Database(request.param, url, engine, tmp_path)
     yield database
     engine.dispose()
+
+
+@dataclass
+class CliResult:
+    """Exit code and output of one in-process `voucher-jobs` call."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> Iterator[Any]:
+    """Run `voucher-jobs ARGS` in this process: `cli(*args, env={...})`.
+
+    Much faster than Database.cli. The working directory is tmp_path, and the
+    only settings are those in env (plus a .env file the test writes there).
+    Engines the command creates are disposed after each call.
+    """
+    import voucher_jobs.data.engine as engine_module
+    from voucher_jobs.cli.main import main
+
+    # The suite's own variables stay, because fixtures set up later read them.
+    suite_variables = ("VOUCHER_JOBS_TEST_POSTGRES_URL", "VOUCHER_JOBS_REQUIRE_POSTGRES")
+    for key in list(os.environ):
+        if key in suite_variables:
+            continue
+        if key.startswith("VOUCHER_") or key == "DATABASE_URL":
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    engines: list[Engine] = []
+    original_create_engine = engine_module.create_engine
+
+    def recording_create_engine(*args: Any, **kwargs: Any) -> Engine:
+        engine = original_create_engine(*args, **kwargs)
+        engines.append(engine)
+        return engine
+
+    monkeypatch.setattr(engine_module, "create_engine", recording_create_engine)
+    # main() points the voucher_jobs logger at the captured stderr; restore it.
+    package_logger = logging.getLogger("voucher_jobs")
+    saved = (package_logger.handlers[:], package_logger.level, package_logger.propagate)
+
+    def run(*args: str, env: dict[str, str] | None = None) -> CliResult:
+        with monkeypatch.context() as patch:
+            for key, value in (env or {}).items():
+                patch.setenv(key, value)
+            patch.setattr(sys, "argv", ["voucher-jobs", *args])
+            try:
+                main()
+                code = 0
+            except SystemExit as exc:
+                code = 0 if exc.code is None else int(exc.code)
+            finally:
+                for engine in engines:
+                    engine.dispose()
+                engines.clear()
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    yield run
+    package_logger.handlers[:], package_logger.level, package_logger.propagate = saved
+
+
+_empty_database_numbers = itertools.count(1)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of a database with no tables: a new SQLite file or PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    request.getfixturevalue("postgres_url")  # skips or fails when unreachable
+    name = f"voucher_jobs_test_{os.getpid()}_empty_{next(_empty_database_numbers)}"
+    admin_url = os.environ.get("VOUCHER_JOBS_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+    admin = create_db_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

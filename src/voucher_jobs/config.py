@@ -38,6 +38,9 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         case_sensitive=False,
+        # Reject NaN and infinity as not finite, instead of with a range error
+        # that gives a misleading reason.
+        allow_inf_nan=False,
     )
 
     database_url: str = Field(
@@ -80,7 +83,7 @@ class Settings(BaseSettings):
         description="How long one statement waits for a row lock before failing.",
     )
 
-    # Schedules. The cron expressions are checked by voucher_jobs.schedule
+    # Schedules. The cron expressions are checked by voucher_jobs.scheduler.cron
     # when a scheduler starts, because that module owns cron semantics.
     schedule_timezone: str = Field(
         default="UTC", description="IANA time zone of the cron schedules."
@@ -117,7 +120,8 @@ class Settings(BaseSettings):
     def _known_timezone(cls, value: str) -> str:
         try:
             ZoneInfo(value.strip())
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            # OSError: a name such as "Europe" is a folder of the zone database.
             raise ValueError("is not an IANA time zone name") from None
         return value.strip()
 
@@ -134,6 +138,11 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("must not be empty")
         return value.strip()
+
+    @field_validator("archive_mode", mode="before")
+    @classmethod
+    def _archive_mode_any_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("archive_dir")
     @classmethod
@@ -181,13 +190,27 @@ def describe_validation_error(exc: ValidationError) -> str:
     """Turn pydantic's error into lines of `NAME=value is invalid: reason`."""
     lines = []
     for error in exc.errors():
-        field = str(error["loc"][0]) if error["loc"] else ""
-        name = ENV_NAMES.get(field, field.upper())
+        # pydantic reports an aliased field under its first alias, such as
+        # DATABASE_URL, and any other field under its name.
+        location = str(error["loc"][0]) if error["loc"] else ""
+        field = _field_of(location)
+        name = ENV_NAMES.get(field, location.upper())
         value = error.get("input")
         shown = "(masked)" if field in ("database_url", *SECRET_FIELDS) else repr(value)
         reason = error["msg"].removeprefix("Value error, ")
         lines.append(f"{name}={shown} is invalid: {reason}. {_hint(field)}")
     return "\n".join(lines)
+
+
+def _field_of(location: str) -> str:
+    """Return the field name for an error location, which may be an alias."""
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            choices = {str(choice).upper() for choice in alias.choices}
+            if location.upper() in choices:
+                return name
+    return location
 
 
 def _hint(field: str) -> str:

@@ -24,21 +24,39 @@ from voucher_jobs.heartbeats import heartbeat_listeners
 from voucher_jobs.job_settings import max_run_seconds, retry_policy
 from voucher_jobs.runner import execute
 
-HELP = """Run the background jobs of a voucher backend.
+EXIT_CODES = (
+    "Exit codes: 0 done, 1 run failed, 2 invalid input or setting, 3 the job is "
+    "already running, 4 database unreachable or not migrated, 5 stopped by a "
+    "signal before finishing."
+)
+
+HELP = f"""Run the background jobs of a voucher backend.
 
 Settings come from environment variables or a .env file in the working
 directory: DATABASE_URL, VOUCHER_AUDIT_RETENTION_DAYS and VOUCHER_JOBS_*.
 `voucher-jobs config` shows the effective values.
 
-Exit codes: 0 done, 1 run failed, 2 invalid input or setting, 3 the job is
-already running, 4 database unreachable or not migrated, 5 stopped by a
-signal before finishing.
+{EXIT_CODES}
 """
+
+# Option help is shown in a narrow column that cuts long variable names, so
+# each run command also names its variables in the full-width epilog.
+EXPIRED_EPILOG = (
+    "Settings come from DATABASE_URL and the VOUCHER_JOBS_* variables, which "
+    "`voucher-jobs config` lists. Options override them. " + EXIT_CODES
+)
+ARCHIVAL_EPILOG = (
+    "Settings come from DATABASE_URL, VOUCHER_AUDIT_RETENTION_DAYS and the "
+    "VOUCHER_JOBS_* variables, which `voucher-jobs config` lists. Options "
+    "override them. " + EXIT_CODES
+)
 
 app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
-run_app = typer.Typer(help="Run one job now.", no_args_is_help=True)
-db_app = typer.Typer(help="Create or upgrade the database schema.", no_args_is_help=True)
+run_app = typer.Typer(help="Run one job now on the database at DATABASE_URL.",
+                      no_args_is_help=True)
+db_app = typer.Typer(help="Create or upgrade the schema of the database at DATABASE_URL.",
+                     no_args_is_help=True)
 app.add_typer(run_app, name="run")
 app.add_typer(db_app, name="db")
 
@@ -103,14 +121,15 @@ DryRunOption = Annotated[bool, typer.Option(
     "--dry-run", help="Report what would be written or removed; write nothing.")]
 BatchOption = Annotated[Optional[int], typer.Option(
     "--batch-size", min=1, max=100_000,
-    help="Rows per transaction. [default: $VOUCHER_JOBS_BATCH_SIZE or 1000]")]
+    help="Rows per transaction.", show_default="$VOUCHER_JOBS_BATCH_SIZE or 1000")]
 MaxBatchesOption = Annotated[Optional[int], typer.Option(
     "--max-batches", min=1, help="Stop after this many batches; the next run goes on.")]
 MaxSecondsOption = Annotated[Optional[float], typer.Option(
     "--max-seconds", min=0.001, help="Stop after the batch that passes this many seconds.")]
 PauseOption = Annotated[Optional[float], typer.Option(
     "--pause", min=0.0, max=3600.0,
-    help="Seconds to sleep between batches. [default: $VOUCHER_JOBS_BATCH_PAUSE_SECONDS or 0]")]
+    help="Seconds to sleep between batches.",
+    show_default="$VOUCHER_JOBS_BATCH_PAUSE_SECONDS or 0")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the run record as JSON.")]
 
 
@@ -123,7 +142,7 @@ def _limits(settings: Settings, batch_size, max_batches, max_seconds, pause) -> 
     )
 
 
-@run_app.command("voucher-expired")
+@run_app.command("voucher-expired", epilog=EXPIRED_EPILOG)
 def run_voucher_expired(
     dry_run: DryRunOption = False,
     at: AtOption = None,
@@ -147,17 +166,20 @@ def run_voucher_expired(
     _run(settings, voucher_expired.NAME, parameters, as_json)
 
 
-@run_app.command("audit-archival")
+@run_app.command("audit-archival", epilog=ARCHIVAL_EPILOG)
 def run_audit_archival(
     mode: Annotated[Optional[ArchiveMode], typer.Option(
         "--mode", case_sensitive=False,
-        help="delete, archive-table or archive-file. [default: $VOUCHER_JOBS_ARCHIVE_MODE or delete]")] = None,
+        help="delete, archive-table or archive-file.",
+        show_default="$VOUCHER_JOBS_ARCHIVE_MODE or delete")] = None,
     retention_days: Annotated[Optional[int], typer.Option(
         "--retention-days", min=1, max=36500,
-        help="Rows older than this many days are removed. [default: $VOUCHER_AUDIT_RETENTION_DAYS or 730]")] = None,
+        help="Rows older than this many days are removed.",
+        show_default="$VOUCHER_AUDIT_RETENTION_DAYS or 730")] = None,
     archive_dir: Annotated[Optional[Path], typer.Option(
         "--archive-dir", file_okay=False,
-        help="Folder for archive-file mode. [default: $VOUCHER_JOBS_ARCHIVE_DIR or ./archive]")] = None,
+        help="Folder for archive-file mode.",
+        show_default="$VOUCHER_JOBS_ARCHIVE_DIR or ./archive")] = None,
     dry_run: DryRunOption = False,
     at: AtOption = None,
     batch_size: BatchOption = None,
@@ -233,7 +255,10 @@ def list_runs(
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="How many runs.")] = 20,
     as_json: JsonOption = False,
 ) -> None:
-    """Show recent runs, newest first."""
+    """Show recent runs, newest first.
+
+    Reads the run ledger of the database at DATABASE_URL.
+    """
     if status and status not in ledger.STATUSES:
         raise CliError(f"--status {status!r} is invalid. Use one of: "
                        f"{', '.join(ledger.STATUSES)}.", ExitCode.INVALID_INPUT)
@@ -267,8 +292,9 @@ def list_runs(
 def db_upgrade() -> None:
     """Create the tables, or upgrade them to this version's schema.
 
-    Existing vouchers and voucher_audit_logs tables are kept; only missing
-    indexes and voucher-jobs' own voucher_jobs_* tables are added.
+    Works on the database at DATABASE_URL. Existing vouchers and
+    voucher_audit_logs tables are kept; only missing indexes and
+    voucher-jobs' own voucher_jobs_* tables are added.
     """
     settings = _settings()
     engine = _engine(settings)
@@ -277,13 +303,16 @@ def db_upgrade() -> None:
     if before == after:
         stdout.print(f"{target}: already at revision {after}", markup=False)
     else:
-        stdout.print(f"{target}: upgraded from {before or 'an empty schema'} to {after}",
+        stdout.print(f"{target}: upgraded from {before or 'no voucher-jobs revision'} to {after}",
                      markup=False)
 
 
 @db_app.command("current")
 def db_current() -> None:
-    """Print the schema revision of the database and the one this version needs."""
+    """Print the schema revision of the database and the one this version needs.
+
+    Reads the database at DATABASE_URL.
+    """
     engine = _engine(_settings())
     stdout.print(f"database: {migrate.current_revision(engine) or 'none'}; "
                  f"this version: {migrate.head_revision()}", markup=False)
@@ -291,7 +320,11 @@ def db_current() -> None:
 
 @app.command("config")
 def show_config(as_json: JsonOption = False) -> None:
-    """Print the effective settings, with the database password masked."""
+    """Print the effective settings, with the database password masked.
+
+    Shows DATABASE_URL, VOUCHER_AUDIT_RETENTION_DAYS and every VOUCHER_JOBS_*
+    variable, whether it was set or left at its default.
+    """
     settings = _settings()
     values = {ENV_NAMES[name]: _shown_value(name, value)
               for name, value in settings.model_dump().items()}
@@ -322,17 +355,27 @@ def _shown_value(name: str, value: object) -> str:
 def main() -> None:
     """Entry point: run the app and turn errors into messages and exit codes."""
     from voucher_jobs.cli import demo  # noqa: F401 - registers the demo command
+    from voucher_jobs.cli import schedule_commands  # noqa: F401 - registers schedule and scheduler
+    from voucher_jobs.cli import serve  # noqa: F401 - registers the serve command
 
     try:
-        app(standalone_mode=False)
+        # With standalone_mode=False, click returns the code of a typer.Exit
+        # that a command raises instead of raising it again.
+        exit_code = app(standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(ExitCode.INTERRUPTED)
+    except typer.TyperException as exc:
+        # A usage error, such as an unknown option or an invalid option value.
+        # Typer 0.29 raises its own copy of click's exceptions, which subclass
+        # TyperException, so click.ClickException does not catch them.
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        else:
+            print(f"Error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(ExitCode.INVALID_INPUT)
     except Exception as exc:  # noqa: BLE001 - the top level reports every error
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(ExitCode.INVALID_INPUT)
         sys.exit(report(exc, verbose=State.verbose > 0))
+    sys.exit(exit_code if isinstance(exit_code, int) else ExitCode.OK)

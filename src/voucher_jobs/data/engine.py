@@ -39,18 +39,34 @@ def mask_url(url: str | URL) -> str:
     """Render a URL with its password replaced by ***."""
     try:
         parsed = url if isinstance(url, URL) else make_url(url)
-    except ArgumentError:
-        return "(unparsable URL)"
+    except (ArgumentError, ValueError):
+        return _mask_unparsable(str(url))
     return parsed.render_as_string(hide_password=True)
+
+
+def _mask_unparsable(raw: str) -> str:
+    """Replace everything between the scheme and the last @ by ***.
+
+    Used for strings that SQLAlchemy cannot parse, so the extent of the
+    password is unknown and the user name is hidden too.
+    """
+    scheme, separator, rest = raw.partition("://")
+    if not separator:
+        scheme, rest = "", raw
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return f"{scheme}{separator}{rest}"
 
 
 def normalize_url(raw: str) -> tuple[URL, dict[str, Any]]:
     """Return the SQLAlchemy URL and connect arguments for a DATABASE_URL."""
     try:
         url = make_url(raw)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
+        # make_url raises ValueError for a port that is not a number. The
+        # original message is left out because it may quote the password.
         raise DatabaseURLError(
-            "DATABASE_URL is not a valid URL. Use a URL such as "
+            f"DATABASE_URL {mask_url(raw)!r} is not a valid URL. Use a URL such as "
             "sqlite:///voucher-jobs.db or postgresql://user:password@localhost:5432/shop."
         ) from None
 
@@ -120,8 +136,6 @@ def create_db_engine(
 
 
 def _create_sqlite_engine(url: URL, **engine_options: Any) -> Engine:
-    if url.database and url.database != ":memory:":
-        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         url,
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},

@@ -44,9 +44,9 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     """Apply migrations up to revision; return the revisions before and after."""
     before = current_revision(engine)
     config = _config()
-    # The connection must not be in a transaction yet: Alembic then owns the
-    # transaction, which autocommit_block needs so that it can commit it
-    # before CREATE INDEX CONCURRENTLY on an adopted PostgreSQL table.
+    # The connection must not be in a transaction yet, so that Alembic owns
+    # the transaction. autocommit_block needs that to commit it before
+    # CREATE INDEX CONCURRENTLY on an adopted PostgreSQL table.
     with engine.connect() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)

@@ -14,6 +14,8 @@ Create Date: 2026-12-04
 import sqlalchemy as sa
 from alembic import op
 
+from voucher_jobs.data.migrate import SchemaNotReady
+
 revision = "0001"
 down_revision = None
 branch_labels = None
@@ -45,7 +47,7 @@ def _check_columns(table: str) -> None:
     present = {column["name"] for column in sa.inspect(op.get_bind()).get_columns(table)}
     missing = REQUIRED_COLUMNS[table] - present
     if missing:
-        raise RuntimeError(
+        raise SchemaNotReady(
             f"table {table} exists but lacks the columns {', '.join(sorted(missing))}. "
             "voucher-jobs needs the shape the voucher backend uses; add the columns "
             "or point DATABASE_URL at another database."
@@ -53,13 +55,23 @@ def _check_columns(table: str) -> None:
 
 
 def _create_index(name: str, table: str, columns: list[str], adopted: bool, **kw) -> None:
-    existing = {index["name"] for index in sa.inspect(op.get_bind()).get_indexes(table)}
-    if name in existing:
+    existing = {index["name"]: index for index in sa.inspect(op.get_bind()).get_indexes(table)}
+    # A CREATE INDEX CONCURRENTLY that failed, in an earlier upgrade or by
+    # hand, leaves an invalid index, which writes keep updating but the
+    # planner never uses. Such an index is dropped and built again.
+    invalid = name in existing and existing[name].get("dialect_options", {}).get(
+        "postgresql_invalid", False
+    )
+    if name in existing and not invalid:
         return
     if adopted and op.get_bind().dialect.name == "postgresql":
         with op.get_context().autocommit_block():
+            if invalid:
+                op.drop_index(name, table_name=table, postgresql_concurrently=True)
             op.create_index(name, table, columns, postgresql_concurrently=True, **kw)
     else:
+        if invalid:
+            op.drop_index(name, table_name=table)
         op.create_index(name, table, columns, **kw)
 
 

@@ -1,0 +1,260 @@
+"""The voucher-jobs command: help, option checks, exit codes and output formats."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import select
+
+from tests.conftest import T0, Database
+from voucher_jobs.data import migrate
+from voucher_jobs.data.engine import create_db_engine
+from voucher_jobs.data.schema import runs, voucher_audit_logs, vouchers
+
+# Option checks happen before the first connection, so tests that are not
+# about the database run on SQLite only.
+sqlite_only = pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+
+EXIT_CODE_TEXTS = ("0 done", "1 run failed", "2 invalid input", "3 the job is already running",
+                   "4 database unreachable", "5 stopped by a signal")
+
+
+def unwrapped(text: str) -> str:
+    """Join the lines that help output wraps at the terminal width."""
+    return " ".join(text.split())
+
+
+def test_help_names_settings_and_exit_codes() -> None:
+    # This is the one check that `python -m voucher_jobs` starts as a process.
+    result = subprocess.run([sys.executable, "-m", "voucher_jobs", "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for text in ("DATABASE_URL", "VOUCHER_AUDIT_RETENTION_DAYS", "VOUCHER_JOBS_*",
+                 *EXIT_CODE_TEXTS):
+        assert text in unwrapped(result.stdout)
+
+
+@pytest.mark.parametrize("command", [
+    ["run"], ["run", "voucher-expired"], ["run", "audit-archival"], ["runs"],
+    ["db"], ["db", "upgrade"], ["db", "current"], ["config"], ["demo"],
+])
+def test_subcommand_help_names_database_url(cli, command: list[str]) -> None:
+    result = cli(*command, "--help")
+    assert result.exit_code == 0, result.stderr
+    assert "Usage:" in result.stdout
+    assert "DATABASE_URL" in result.stdout
+
+
+@pytest.mark.parametrize("job", ["voucher-expired", "audit-archival"])
+def test_run_help_lists_exit_codes(cli, job: str) -> None:
+    result = cli("run", job, "--help")
+    for text in ("VOUCHER_JOBS_*", *EXIT_CODE_TEXTS):
+        assert text in unwrapped(result.stdout)
+
+
+def test_archival_help_names_retention_variable(cli) -> None:
+    result = cli("run", "audit-archival", "--help")
+    assert "VOUCHER_AUDIT_RETENTION_DAYS" in unwrapped(result.stdout)
+
+
+def test_no_arguments_shows_help(cli) -> None:
+    result = cli()
+    assert result.exit_code == 2
+    assert "Usage:" in result.stdout + result.stderr
+
+
+@sqlite_only
+@pytest.mark.parametrize("value, reason", [
+    ("2026-12-04T10:00:00", "has no time zone"),
+    ("garbage", "is not an ISO 8601 time"),
+    ("2026-13-01T00:00:00Z", "is not an ISO 8601 time"),
+])
+def test_invalid_at_rejected(db: Database, cli, value: str, reason: str) -> None:
+    result = cli("run", "voucher-expired", "--at", value, env={"DATABASE_URL": db.url})
+    assert result.exit_code == 2, result.stderr
+    assert f"--at {value!r} {reason}" in result.stderr
+    assert db.count(runs) == 0
+
+
+@sqlite_only
+def test_at_with_offset_accepted(db: Database, cli) -> None:
+    db.add_voucher(T0 - timedelta(minutes=30))
+    result = cli("run", "voucher-expired", "--at", "2026-12-04T11:00:00+01:00",
+                 env={"DATABASE_URL": db.url})
+    assert result.exit_code == 0, result.stderr
+    assert "wrote 1 EXPIRED rows" in result.stdout
+
+
+@sqlite_only
+@pytest.mark.parametrize("value", ["0", "100001", "many"])
+def test_invalid_batch_size_rejected(db: Database, cli, value: str) -> None:
+    result = cli("run", "voucher-expired", "--batch-size", value, env={"DATABASE_URL": db.url})
+    assert result.exit_code == 2, result.stderr
+    assert "--batch-size" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert db.count(runs) == 0
+
+
+@sqlite_only
+@pytest.mark.parametrize("arguments", [
+    ["--bogus"],
+    ["run", "no-such-job"],
+    ["run", "audit-archival", "--mode", "shred"],
+    ["run", "audit-archival", "--retention-days", "0"],
+])
+def test_usage_errors_exit_2(db: Database, cli, arguments: list[str]) -> None:
+    result = cli(*arguments, env={"DATABASE_URL": db.url})
+    assert result.exit_code == 2, result.stderr
+    assert "Error:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["run", "voucher-expired"], ["run", "audit-archival"], ["runs"],
+])
+def test_unmigrated_database_exits_4(empty_database: str, cli, command: list[str]) -> None:
+    result = cli(*command, env={"DATABASE_URL": empty_database})
+    assert result.exit_code == 4, result.stderr
+    assert "has no voucher-jobs tables" in result.stderr
+    assert "voucher-jobs db upgrade" in result.stderr
+
+
+def test_db_upgrade_twice(empty_database: str, cli) -> None:
+    first = cli("db", "upgrade", env={"DATABASE_URL": empty_database})
+    assert first.exit_code == 0, first.stderr
+    assert f"upgraded from no voucher-jobs revision to {migrate.head_revision()}" in first.stdout
+    second = cli("db", "upgrade", env={"DATABASE_URL": empty_database})
+    assert second.exit_code == 0, second.stderr
+    assert f"already at revision {migrate.head_revision()}" in second.stdout
+
+
+def test_db_current_reports_revisions(empty_database: str, cli) -> None:
+    before = cli("db", "current", env={"DATABASE_URL": empty_database})
+    assert before.exit_code == 0, before.stderr
+    assert "database: none;" in before.stdout
+    cli("db", "upgrade", env={"DATABASE_URL": empty_database})
+    after = cli("db", "current", env={"DATABASE_URL": empty_database})
+    assert f"database: {migrate.head_revision()};" in after.stdout
+
+
+def test_run_json_output_parses(db: Database, cli) -> None:
+    db.add_voucher(T0 - timedelta(days=1))
+    db.add_voucher(T0 + timedelta(days=1))
+    result = cli("run", "voucher-expired", "--at", "2026-12-04T10:00:00Z", "--json",
+                 env={"DATABASE_URL": db.url})
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["job"] == "voucher-expired"
+    assert record["status"] == "succeeded"
+    assert record["trigger"] == "cli"
+    assert record["rows_affected"] == 1
+    assert record["parameters"]["reference_time"] == T0.isoformat()
+    assert record["result"]["dry_run"] is False
+
+
+def test_runs_json_matches_ledger(db: Database, cli) -> None:
+    env = {"DATABASE_URL": db.url}
+    assert cli("run", "voucher-expired", env=env).exit_code == 0
+    assert cli("run", "audit-archival", "--dry-run", env=env).exit_code == 0
+    result = cli("runs", "--json", env=env)
+    assert result.exit_code == 0, result.stderr
+    listed = json.loads(result.stdout)
+    ledger = db.rows(select(runs).order_by(runs.c.id.desc()))
+    assert [row["id"] for row in listed] == [row.id for row in ledger]
+    assert [row["job"] for row in listed] == ["audit-archival", "voucher-expired"]
+    assert [row["status"] for row in listed] == ["succeeded", "succeeded"]
+    assert listed[0]["result"]["dry_run"] is True
+
+
+def test_runs_filters_by_job(db: Database, cli) -> None:
+    env = {"DATABASE_URL": db.url}
+    cli("run", "voucher-expired", env=env)
+    cli("run", "audit-archival", env=env)
+    listed = json.loads(cli("runs", "--json", "--job", "audit-archival", env=env).stdout)
+    assert [row["job"] for row in listed] == ["audit-archival"]
+
+
+@sqlite_only
+@pytest.mark.parametrize("arguments, value", [
+    (["--status", "bogus"], "'bogus'"),
+    (["--job", "cleanup"], "'cleanup'"),
+])
+def test_runs_invalid_filter_rejected(db: Database, cli, arguments, value: str) -> None:
+    result = cli("runs", *arguments, env={"DATABASE_URL": db.url})
+    assert result.exit_code == 2, result.stderr
+    assert value in result.stderr
+
+
+def test_runs_table_output(db: Database, cli) -> None:
+    env = {"DATABASE_URL": db.url}
+    cli("run", "voucher-expired", env=env)
+    result = cli("runs", env=env)
+    assert result.exit_code == 0, result.stderr
+    assert "voucher-expired" in result.stdout
+    assert "succeeded" in result.stdout
+
+
+def test_demo_fills_empty_file(cli, tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    env = {"DATABASE_URL": url}
+    first = cli("demo", "--vouchers", "40", "--audit-rows", "60", env=env)
+    assert first.exit_code == 0, first.stderr
+    assert "Running voucher-expired" in first.stdout
+    assert "Running audit-archival" in first.stdout
+
+    engine = create_db_engine(url)
+    try:
+        counts = _counts(engine)
+        assert counts[vouchers.name] == 40
+        assert counts[runs.name] == 3
+
+        second = cli("demo", "--vouchers", "40", "--audit-rows", "60", env=env)
+        assert second.exit_code == 2, second.stderr
+        assert "already has 40 vouchers" in second.stderr
+        assert _counts(engine) == counts
+    finally:
+        engine.dispose()
+
+
+def _counts(engine) -> dict[str, int]:
+    from sqlalchemy import func
+
+    with engine.connect() as connection:
+        return {
+            table.name: connection.execute(select(func.count()).select_from(table)).scalar_one()
+            for table in (vouchers, voucher_audit_logs, runs)
+        }
+
+
+def _fail_archival(db: Database, cli, *verbose: str):
+    # archive-file mode cannot create its folder below a regular file, so the
+    # job raises NotADirectoryError once it has rows to write.
+    old = datetime.now(timezone.utc) - timedelta(days=1000)
+    db.add_audit_rows([old, old + timedelta(seconds=1)])
+    (db.workdir / "not-a-folder").write_text("", encoding="utf-8")
+    return cli(*verbose, "run", "audit-archival", "--mode", "archive-file",
+               "--archive-dir", "not-a-folder/archive", env={"DATABASE_URL": db.url})
+
+
+def test_failing_run_reports_cause(db: Database, cli) -> None:
+    result = _fail_archival(db, cli)
+    assert result.exit_code == 1, result.stderr
+    assert "caused by NotADirectoryError" in result.stderr
+    assert "Run again with -v for the traceback." in result.stderr
+    assert "Traceback" not in result.stderr
+    [run] = db.rows(select(runs))
+    assert run.status == "failed"
+    assert "NotADirectoryError" in run.error
+    assert db.count(voucher_audit_logs) == 2
+
+
+@sqlite_only
+def test_failing_run_verbose_traceback(db: Database, cli) -> None:
+    result = _fail_archival(db, cli, "-v")
+    assert result.exit_code == 1, result.stderr
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "NotADirectoryError" in result.stderr

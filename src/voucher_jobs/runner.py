@@ -120,9 +120,6 @@ class StopFlag:
             self.reason = reason
         self._event.set()
 
-    def wait(self, timeout: float) -> bool:
-        return self._event.wait(timeout)
-
     def sleep(self, seconds: float) -> None:
         """Sleep up to `seconds`, returning within STOP_POLL_SECONDS once the flag is set.
 
@@ -281,13 +278,14 @@ class ActiveRun:
         Raises RunFailed when the job fails for good. A run stopped by a
         signal is recorded as interrupted; one stopped by max_seconds as failed.
         """
-        with self._lock:
+        signals = stop_on_signals(self.stop) if handle_signals else _no_signals()
+        # The signal handlers go in first, so that a SIGTERM during the start
+        # notification, which may call a heartbeat URL, also stops cleanly.
+        with self._lock, signals:
             _notify(listeners, "start", self.record)
             timer = self._start_timer(max_seconds)
             try:
-                signals = stop_on_signals(self.stop) if handle_signals else _no_signals()
-                with signals:
-                    finished, result = self._run_with_retries(progress, retry, max_seconds)
+                finished, result = self._run_with_retries(progress, retry, max_seconds)
             except RunFailed as failure:
                 _notify(listeners, "fail", failure.run)
                 raise
@@ -320,7 +318,9 @@ class ActiveRun:
                 log_event(logger, "run_retrying", logging.WARNING, job=self.record.job,
                           run_id=self.record.id, attempt=attempt, delay=round(delay, 2),
                           error=_describe(exc))
-                if self.stop.wait(delay):
+                # sleep(), not wait(): see StopFlag.sleep on the signal handler.
+                self.stop.sleep(delay)
+                if self.stop():
                     self._fail(exc, started)
         return self._finish(result, started, max_seconds)
 

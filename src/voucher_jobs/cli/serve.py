@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-import uvicorn
-from fastapi import FastAPI
 
 from voucher_jobs import logs
 from voucher_jobs.cli.main import State, _ready_engine, _settings, app
 from voucher_jobs.config import ENV_NAMES
-from voucher_jobs.http.app import create_app
-from voucher_jobs.http.auth import check_auth_settings
 from voucher_jobs.jobs import JOBS
 from voucher_jobs.scheduler.cron import job_schedule
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+# FastAPI and uvicorn are imported inside the functions below: importing
+# them takes about half a second, which every other command would pay.
 
 # uvicorn starts each worker in a new process that builds the app with
 # worker_app(); this variable carries the serve options to those processes.
@@ -69,6 +71,10 @@ def serve(
     (`voucher-jobs db upgrade`). SIGTERM or Ctrl-C stops the server; runs it
     started stop after their current batch and are recorded as interrupted.
     """
+    import uvicorn
+
+    from voucher_jobs.http.auth import check_auth_settings
+
     settings = _settings()
     bind_host = host or settings.api_host
     bind_port = port or settings.api_port
@@ -112,6 +118,8 @@ def _ignore_signal(signum: int, frame: Any) -> None:
 
 def worker_app() -> FastAPI:
     """Build the app in a uvicorn process, with the options `serve` was given."""
+    from voucher_jobs.http.app import create_app
+
     options = json.loads(os.environ.get(SERVE_OPTIONS_ENV, "{}"))
     logs.configure(int(options.get("verbosity", 0)))
     return create_app(with_scheduler=bool(options.get("with_scheduler", False)))

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Engine,
+    Integer,
     Select,
     bindparam,
     delete,
@@ -88,12 +89,39 @@ def delete_batch(engine: Engine, cutoff: datetime, after: Key | None, size: int)
     batch = eligible(cutoff, after).with_only_columns(logs.c.id).limit(size)
     statement = (
         delete(logs)
-        .where(logs.c.id.in_(batch.scalar_subquery()))
+        .where(_id_in_batch(engine, batch))
         .returning(logs.c.created_at, logs.c.id)
     )
+    if engine.dialect.name == "postgresql":
+        # The server returns one row, the last key with the batch's row count,
+        # instead of every deleted key.
+        deleted = statement.cte("deleted")
+        summary = (
+            select(deleted.c.created_at, deleted.c.id, func.count().over())
+            .order_by(deleted.c.created_at.desc(), deleted.c.id.desc())
+            .limit(1)
+        )
+        with engine.begin() as connection:
+            row = connection.execute(summary).first()
+        if row is None:
+            return BatchOutcome(0, None)
+        return BatchOutcome(row[2], Key(row[0], row[1]))
     with engine.begin() as connection:
         keys = [Key(*row) for row in connection.execute(statement)]
     return BatchOutcome(len(keys), max(keys) if keys else None)
+
+
+def _id_in_batch(engine: Engine, batch: Select) -> ColumnElement[bool]:
+    """`id IN (batch)`, written as `id = ANY(ARRAY(batch))` on PostgreSQL.
+
+    PostgreSQL plans `IN (subquery)` as a join. Estimating that join reads the
+    id index from its low end, across every entry of a row that an earlier
+    batch deleted and VACUUM has not yet removed, so planning grows with each
+    batch. ARRAY(subquery) is computed once before the scan and needs no join.
+    """
+    if engine.dialect.name == "postgresql":
+        return logs.c.id == func.any(func.array(batch.scalar_subquery()))
+    return logs.c.id.in_(batch.scalar_subquery())
 
 
 def move_batch(
@@ -120,18 +148,16 @@ _AUDIT_COLUMNS = ["id", "voucher_id", "action", "actor_type", "code", "metadata"
 
 _MOVE_BATCH_POSTGRESQL = text(
     """
-    WITH batch AS (
-        SELECT id
-        FROM voucher_audit_logs
-        WHERE created_at < :cutoff
-          AND (created_at, id) > (:after_created_at, :after_id)
-        ORDER BY created_at, id
-        LIMIT :size
-    ),
-    moved AS (
+    WITH moved AS (
         DELETE FROM voucher_audit_logs AS live
-        USING batch
-        WHERE live.id = batch.id
+        WHERE live.id = ANY(ARRAY(
+            SELECT id
+            FROM voucher_audit_logs
+            WHERE created_at < :cutoff
+              AND (created_at, id) > (:after_created_at, :after_id)
+            ORDER BY created_at, id
+            LIMIT :size
+        ))
         RETURNING live.*
     ),
     copied AS (
@@ -143,7 +169,10 @@ _MOVE_BATCH_POSTGRESQL = text(
         FROM moved
         ON CONFLICT (id) DO NOTHING
     )
-    SELECT created_at, id FROM moved
+    SELECT created_at, id, count(*) OVER () AS rows
+    FROM moved
+    ORDER BY created_at DESC, id DESC
+    LIMIT 1
     """
 ).bindparams(
     bindparam("cutoff", type_=UTCDateTime()),
@@ -151,7 +180,7 @@ _MOVE_BATCH_POSTGRESQL = text(
     bindparam("after_id", type_=BigId),
     bindparam("archived_at", type_=UTCDateTime()),
     bindparam("run_id", type_=BigId),
-).columns(created_at=UTCDateTime(), id=BigId)
+).columns(created_at=UTCDateTime(), id=BigId, rows=Integer)
 
 
 def _move_batch_postgresql(engine, cutoff, after, size, run_id, archived_at) -> BatchOutcome:
@@ -168,9 +197,12 @@ def _move_batch_postgresql(engine, cutoff, after, size, run_id, archived_at) -> 
         "archived_at": archived_at,
         "run_id": run_id,
     }
+    # The server returns one row, the last key with the batch's row count.
     with engine.begin() as connection:
-        keys = [Key(*row) for row in connection.execute(_MOVE_BATCH_POSTGRESQL, parameters)]
-    return BatchOutcome(len(keys), max(keys) if keys else None)
+        row = connection.execute(_MOVE_BATCH_POSTGRESQL, parameters).first()
+    if row is None:
+        return BatchOutcome(0, None)
+    return BatchOutcome(row.rows, Key(row.created_at, row.id))
 
 
 def _move_batch_sqlite(engine, cutoff, after, size, run_id, archived_at) -> BatchOutcome:

@@ -23,7 +23,7 @@ AUDIT_ACTIONS = ("CREATED", "UPDATED", "REDEEMED", "VIEWED")
 _SPREAD = 7919
 
 _SERIES = {
-    "postgresql": "SELECT generate_series(1, :count) AS n",
+    "postgresql": "SELECT generate_series(1, CAST(:count AS BIGINT)) AS n",
     "sqlite": (
         "WITH RECURSIVE series(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM series "
         "WHERE n < :count) SELECT n FROM series"

@@ -60,17 +60,31 @@ class ExpiryParameters:
     limits: BatchLimits = BatchLimits()
 
 
-def pending_vouchers(reference_time: datetime) -> Select:
-    """Select live vouchers expired at reference_time with no EXPIRED row yet."""
+def pending_vouchers(
+    reference_time: datetime, after_id: int | None = None, upper_id: int | None = None
+) -> Select:
+    """Select live vouchers expired at reference_time with no EXPIRED row yet.
+
+    after_id and upper_id limit the voucher ids to after_id < id <= upper_id.
+    """
     already_logged = exists().where(
         expirations.c.voucher_id == vouchers.c.id,
         expirations.c.expiry_date == vouchers.c.expiry_date,
     )
-    return select(vouchers.c.id).where(
+    query = select(vouchers.c.id).where(
         vouchers.c.deleted_at.is_(None),
         vouchers.c.expiry_date <= bindparam("reference_time", reference_time, UTCDateTime()),
-        ~already_logged,
     )
+    # Each bound is given for both tables. PostgreSQL does not derive
+    # expirations.voucher_id > after_id from the join condition, so without
+    # it a merge anti join reads every claim below after_id in every batch.
+    if after_id is not None:
+        query = query.where(vouchers.c.id > after_id)
+        already_logged = already_logged.where(expirations.c.voucher_id > after_id)
+    if upper_id is not None:
+        query = query.where(vouchers.c.id <= upper_id)
+        already_logged = already_logged.where(expirations.c.voucher_id <= upper_id)
+    return query.where(~already_logged)
 
 
 def run(engine: Engine, parameters: ExpiryParameters, context: JobContext) -> JobResult:
@@ -94,11 +108,20 @@ def run(engine: Engine, parameters: ExpiryParameters, context: JobContext) -> Jo
     details = {"reference_time": reference_time.isoformat(), "pending_at_start": pending}
     if parameters.dry_run:
         return JobResult(rows_affected=0, dry_run=True, details={**details, "would_write": pending})
+    if pending == 0:
+        # The count has just compared every expired voucher with its claims.
+        # A first batch would repeat that whole scan only to find nothing.
+        details.update(batches=0, written=0, last_voucher_id=0)
+        return JobResult(rows_affected=0, details=details)
 
     limits = parameters.limits
     started = time.monotonic()
-    written = batches = 0
-    after_id = 0
+    batches = 0
+    # A retry of this run, after a transient error, goes on after the
+    # highest voucher that an earlier attempt claimed. Starting from 0 again
+    # would put that attempt's claims inside the first batch's id range, and
+    # the batch would write their EXPIRED rows a second time.
+    written, after_id = _claimed_by_run(engine, context.run_id)
     interrupted = False
     context.progress(0, pending)
     while True:
@@ -128,6 +151,17 @@ def run(engine: Engine, parameters: ExpiryParameters, context: JobContext) -> Jo
     return JobResult(rows_affected=written, interrupted=interrupted, details=details)
 
 
+def _claimed_by_run(engine: Engine, run_id: int) -> tuple[int, int]:
+    """Return how many vouchers run_id has claimed and the highest voucher id among them."""
+    with engine.connect() as connection:
+        count, highest = connection.execute(
+            select(func.count(), func.max(expirations.c.voucher_id)).where(
+                expirations.c.run_id == run_id
+            )
+        ).one()
+    return count, highest or 0
+
+
 def _expire_batch(
     engine: Engine, reference_time: datetime, after_id: int, batch_size: int, run_id: int
 ) -> tuple[int | None, int]:
@@ -142,7 +176,7 @@ def _expire_batch(
     first one's transaction and then inserts nothing, so only the run whose
     claim landed writes the audit row, which it reads back by its run id.
     """
-    pending = pending_vouchers(reference_time).where(vouchers.c.id > after_id)
+    pending = pending_vouchers(reference_time, after_id)
     with engine.begin() as connection:
         upper_id = connection.execute(
             select(func.max(pending.order_by(vouchers.c.id).limit(batch_size).subquery().c.id))
@@ -150,7 +184,7 @@ def _expire_batch(
         if upper_id is None:
             return None, 0
 
-        in_batch = pending.where(vouchers.c.id <= upper_id)
+        in_batch = pending_vouchers(reference_time, after_id, upper_id)
         claims = select(
             vouchers.c.id,
             vouchers.c.expiry_date,

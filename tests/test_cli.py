@@ -141,6 +141,27 @@ def test_db_current_reports_revisions(empty_database: str, cli) -> None:
     assert f"database: {migrate.head_revision()};" in after.stdout
 
 
+def test_db_current_check_exit_codes(empty_database: str, cli) -> None:
+    behind = cli("db", "current", "--check", env={"DATABASE_URL": empty_database})
+    assert behind.exit_code == 4
+    assert "voucher-jobs db upgrade" in behind.stderr
+    cli("db", "upgrade", env={"DATABASE_URL": empty_database})
+    current = cli("db", "current", "--check", env={"DATABASE_URL": empty_database})
+    assert current.exit_code == 0, current.stderr
+
+
+def test_refused_run_reads_as_skipped(db: Database, cli) -> None:
+    from voucher_jobs.data.locks import job_lock
+
+    with job_lock(db.engine, "voucher-expired") as acquired:
+        assert acquired
+        result = cli("run", "voucher-expired", env={"DATABASE_URL": db.url})
+    assert result.exit_code == 3
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("skipped: voucher-expired is already running")
+    assert "error:" not in result.stderr
+
+
 def test_run_json_output_parses(db: Database, cli) -> None:
     db.add_voucher(T0 - timedelta(days=1))
     db.add_voucher(T0 + timedelta(days=1))

@@ -7,6 +7,7 @@ import sys
 import traceback
 
 from rich.console import Console
+from rich.markup import escape
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from voucher_jobs.config import ConfigError
@@ -74,7 +75,10 @@ def report(exc: BaseException, verbose: bool) -> ExitCode:
     """Print the error (and its causes) to stderr; the traceback only when verbose."""
     message, code, causes = classify(exc)
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    console.print(f"[bold red]error:[/] {message}", markup=True)
+    # A refused run is the lock doing its job, so cron and CI logs should not
+    # read it as a failure.
+    label = "[yellow]skipped:[/]" if code is ExitCode.ALREADY_RUNNING else "[bold red]error:[/]"
+    console.print(f"{label} {escape(message)}", markup=True)
     for cause in causes:
         console.print(f"  caused by {cause}", markup=False)
     if verbose:

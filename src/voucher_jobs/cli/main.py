@@ -308,7 +308,11 @@ def db_upgrade() -> None:
 
 
 @db_app.command("current")
-def db_current() -> None:
+def db_current(
+    check: Annotated[bool, typer.Option(
+        "--check", help="Exit with code 4 unless the database is at this version's "
+        "revision; for deploy pipelines.")] = False,
+) -> None:
     """Print the schema revision of the database and the one this version needs.
 
     Reads the database at DATABASE_URL.
@@ -316,6 +320,8 @@ def db_current() -> None:
     engine = _engine(_settings())
     stdout.print(f"database: {migrate.current_revision(engine) or 'none'}; "
                  f"this version: {migrate.head_revision()}", markup=False)
+    if check:
+        migrate.require_current(engine)
 
 
 @app.command("config")

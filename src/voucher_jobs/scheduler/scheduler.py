@@ -31,7 +31,7 @@ from typing import Any
 import anyio.to_thread
 from sqlalchemy import Engine
 
-from voucher_jobs import runner
+from voucher_jobs import logs, runner
 from voucher_jobs.config import Settings, load_settings
 from voucher_jobs.data import migrate
 from voucher_jobs.data.engine import engine_from_settings
@@ -297,6 +297,10 @@ def scheduler_lifespan(
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
+        # A web app that has not set up logging would hide every scheduler
+        # event, so voucher-jobs' own handler goes in unless the app has one.
+        if not logging.getLogger("voucher_jobs").handlers and not logging.getLogger().handlers:
+            logs.configure()
         active_settings = settings or load_settings()
         owned = engine is None
         database = engine_from_settings(active_settings) if engine is None else engine

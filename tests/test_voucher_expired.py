@@ -127,3 +127,17 @@ def test_archived_expired_row_is_not_rewritten(db: Database) -> None:
     # The audit row is gone (archived), the claim is not: no second row.
     assert expire(db)[0].rows_affected == 0
     assert expired_rows(db, voucher) == []
+
+
+def test_repeated_batch_writes_no_duplicate(db: Database) -> None:
+    # A retried attempt of one run can walk over vouchers that its earlier
+    # attempt claimed: only claims made by the batch itself get a row.
+    ids = [db.add_voucher(T0 - timedelta(days=1)) for _ in range(5)]
+    upper, written = voucher_expired._expire_batch(db.engine, T0, 0, 3, run_id=7)
+    assert (upper, written) == (ids[2], 3)
+    db.add_voucher(T0 - timedelta(days=1))
+    upper, written = voucher_expired._expire_batch(db.engine, T0, 0, 10, run_id=7)
+    assert written == 3
+    assert len(expired_rows(db)) == 6
+    for voucher in ids:
+        assert len(expired_rows(db, voucher)) == 1

@@ -9,7 +9,6 @@ make it skip or repeat a row.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,10 +28,10 @@ from sqlalchemy import (
     text,
     tuple_,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, BIGINT
 from sqlalchemy.sql.expression import ColumnElement
 
 from voucher_jobs.data.schema import audit_archive, voucher_audit_logs
+from voucher_jobs.data.statements import id_in
 from voucher_jobs.data.types import BigId, UTCDateTime
 
 logs = voucher_audit_logs
@@ -252,16 +251,3 @@ def count_live_ids(connection: Connection, ids: Sequence[int]) -> int:
     return connection.execute(
         select(func.count()).where(id_in(connection.engine, logs.c.id, ids))
     ).scalar_one()
-
-
-def id_in(engine: Engine, column: ColumnElement[Any], ids: Sequence[int]) -> ColumnElement[bool]:
-    """`column IN ids` as one bound parameter, whatever the number of ids.
-
-    PostgreSQL takes an array (`= ANY`), SQLite a JSON array read with
-    json_each, so a batch of 100,000 ids does not hit either driver's limit
-    on bound parameters.
-    """
-    if engine.dialect.name == "postgresql":
-        return column == func.any(bindparam("ids", list(ids), ARRAY(BIGINT)))
-    id_list = func.json_each(bindparam("ids", json.dumps(list(ids)))).table_valued("value")
-    return column.in_(select(id_list.c.value))

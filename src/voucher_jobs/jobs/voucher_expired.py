@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 
 from voucher_jobs.data.clock import database_now
-from voucher_jobs.data.statements import insert_ignoring_conflicts
+from voucher_jobs.data.statements import id_in, insert_ignoring_conflicts
 from voucher_jobs.data.schema import expirations, voucher_audit_logs, vouchers
 from voucher_jobs.data.types import (
     BigId,
@@ -173,8 +173,10 @@ def _expire_batch(
     Safe under concurrency: the claim in `voucher_jobs_expirations` goes
     first, with ON CONFLICT DO NOTHING on its (voucher_id, expiry_date) key.
     When two runs race for a voucher, the second one's insert waits for the
-    first one's transaction and then inserts nothing, so only the run whose
-    claim landed writes the audit row, which it reads back by its run id.
+    first one's transaction and then inserts nothing. The audit rows are
+    written only for the claims that this statement's RETURNING lists, so a
+    claim made by another run, or by an earlier attempt of this run, never
+    gets a second row.
     """
     pending = pending_vouchers(reference_time, after_id)
     with engine.begin() as connection:
@@ -191,16 +193,17 @@ def _expire_batch(
             literal(run_id, BigId),
             bindparam("logged_at", reference_time, UTCDateTime()),
         ).where(vouchers.c.id.in_(in_batch.scalar_subquery()))
-        connection.execute(insert_ignoring_conflicts(
-            engine, expirations, ["voucher_id", "expiry_date"]
-        ).from_select(
-            ["voucher_id", "expiry_date", "run_id", "logged_at"], claims
-        ))
+        claimed_ids = connection.execute(
+            insert_ignoring_conflicts(engine, expirations, ["voucher_id", "expiry_date"])
+            .from_select(["voucher_id", "expiry_date", "run_id", "logged_at"], claims)
+            .returning(expirations.c.voucher_id)
+        ).scalars().all()
+        if not claimed_ids:
+            return upper_id, 0
 
         claimed = and_(
             expirations.c.run_id == run_id,
-            expirations.c.voucher_id > after_id,
-            expirations.c.voucher_id <= upper_id,
+            id_in(engine, expirations.c.voucher_id, claimed_ids),
         )
         audit_rows = select(
             vouchers.c.id,

@@ -17,14 +17,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
 
 from voucher_jobs.data.engine import is_sqlite, sqlite_path
+from voucher_jobs.logs import log_event
+
+logger = logging.getLogger(__name__)
 
 _process_locks: dict[str, threading.Lock] = {}
 _process_locks_guard = threading.Lock()
@@ -64,9 +69,23 @@ def _advisory_lock(engine: Engine, job: str) -> Iterator[bool]:
             yield acquired
         finally:
             if acquired:
-                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                _advisory_unlock(connection, job, key)
     finally:
         connection.close()
+
+
+def _advisory_unlock(connection: Connection, job: str, key: int) -> None:
+    """Release the lock, unless its connection was lost, which released it already.
+
+    NOTE: a run whose lock connection drops (a server restart, or
+    pg_terminate_backend on it) goes on without the lock until it ends, so
+    a second run of the job can start in that time.
+    """
+    try:
+        connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    except DBAPIError as exc:
+        log_event(logger, "job_lock_connection_lost", logging.WARNING, job=job,
+                  error=str(exc.orig or exc).strip().splitlines()[0])
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, func, insert, select, update
 
 from voucher_jobs.data.audit_batches import Key, delete_ids, read_page
 from voucher_jobs.data.schema import archive_files
@@ -164,17 +164,33 @@ def export_file(
             temporary.unlink(missing_ok=True)
             return None
         verify_data_file(temporary, manifest)
+        taken = [path.name for path in (directory / f"{stem}{DATA_SUFFIX}",
+                                         directory / f"{stem}{MANIFEST_SUFFIX}")
+                 if path.exists()]
+        if taken:
+            # Replacing a file whose rows may be deleted already would lose them.
+            raise ArchiveFileError(
+                f"archive file {', '.join(taken)} already exists in {directory}; "
+                "it is not replaced. Check the folder for files of another run."
+            )
         manifest_temporary = directory / f".{stem}{MANIFEST_SUFFIX}.tmp"
         _write_durably(manifest_temporary, json.dumps(manifest.to_json(), indent=2).encode())
         os.replace(temporary, directory / f"{stem}{DATA_SUFFIX}")
         os.replace(manifest_temporary, directory / f"{stem}{MANIFEST_SUFFIX}")
         _fsync_directory(directory)
         return manifest
-    except BaseException:
+    except BaseException as exc:
         # Disk full, a read error or an interrupt: nothing was deleted yet,
         # so removing the partial files loses nothing.
         temporary.unlink(missing_ok=True)
         (directory / f".{stem}{MANIFEST_SUFFIX}.tmp").unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            # A write error such as ENOSPC names no file, so name the folder.
+            raise ArchiveFileError(
+                f"writing archive file {stem}{DATA_SUFFIX} in {directory} failed: {exc}. "
+                "No row of it was deleted. Free space in that folder, or set "
+                "VOUCHER_JOBS_ARCHIVE_DIR to another one, and run again."
+            ) from exc
         raise
 
 
@@ -253,6 +269,14 @@ def verify_data_file(path: Path, manifest: Manifest) -> None:
 def iter_ids(path: Path) -> Iterator[int]:
     for line in iter_lines(path):
         yield int(json.loads(line)["id"])
+
+
+def files_of_run(engine: Engine, run_id: int) -> int:
+    """Return how many archive files run_id has registered."""
+    with engine.connect() as connection:
+        return connection.execute(
+            select(func.count()).select_from(archive_files).where(archive_files.c.run_id == run_id)
+        ).scalar_one()
 
 
 def register(engine: Engine, manifest: Manifest) -> None:

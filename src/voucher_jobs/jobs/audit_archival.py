@@ -152,7 +152,9 @@ def _run_file_mode(engine, parameters, context, cutoff, eligible):
             return removed, batches, context.stop_requested(), {"files": files}
 
     after: Key | None = None
-    sequence = 0
+    # A retry of this run, after a transient error, numbers its files after
+    # those of the earlier attempts, so that no name is used twice.
+    sequence = archive_files.files_of_run(engine, context.run_id)
     while True:
         sequence += 1
         manifest = archive_files.export_file(

@@ -122,6 +122,14 @@ def run_count(db: Database) -> int:
 # POST /jobs/{name}/runs
 
 
+def test_post_future_reference_time_rejected(db: Database, client: TestClient) -> None:
+    response = client.post(f"/jobs/{JOB}/runs", json={"reference_time": "2099-01-01T00:00:00Z"},
+                           headers=AUTH)
+    assert response.status_code == 422
+    assert "later than the database clock" in response.json()["message"]
+    assert db.count(runs) == 0
+
+
 def test_post_runs_job_in_background(db: Database, client: TestClient) -> None:
     add_expired_vouchers(db, 3)
     response = client.post(f"/jobs/{JOB}/runs", json={"reference_time": AT}, headers=AUTH)

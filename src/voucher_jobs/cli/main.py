@@ -17,6 +17,7 @@ from voucher_jobs.cli.errors import CliError, ExitCode, report
 from voucher_jobs.cli.progress import progress_reporter
 from voucher_jobs.config import ENV_NAMES, SECRET_FIELDS, ArchiveMode, Settings, load_settings
 from voucher_jobs.data import ledger, migrate
+from voucher_jobs.data.clock import FutureReferenceTime, check_reference_time, database_now
 from voucher_jobs.data.engine import engine_from_settings, mask_url
 from voucher_jobs.jobs import audit_archival, voucher_expired
 from voucher_jobs.jobs.base import BatchLimits
@@ -125,7 +126,7 @@ BatchOption = Annotated[Optional[int], typer.Option(
 MaxBatchesOption = Annotated[Optional[int], typer.Option(
     "--max-batches", min=1, help="Stop after this many batches; the next run goes on.")]
 MaxSecondsOption = Annotated[Optional[float], typer.Option(
-    "--max-seconds", min=0.001, help="Stop after the batch that passes this many seconds.")]
+    "--max-seconds", min=0.001, max=7 * 86400, help="Stop after the batch that passes this many seconds.")]
 PauseOption = Annotated[Optional[float], typer.Option(
     "--pause", min=0.0, max=3600.0,
     help="Seconds to sleep between batches.",
@@ -208,6 +209,12 @@ def run_audit_archival(
 
 def _run(settings: Settings, job: str, parameters, as_json: bool) -> None:
     engine = _ready_engine(settings)
+    if parameters.reference_time is not None:
+        with engine.connect() as connection:
+            try:
+                check_reference_time(parameters.reference_time, database_now(connection))
+            except FutureReferenceTime as exc:
+                raise CliError(f"--at: {exc}", ExitCode.INVALID_INPUT) from None
     with progress_reporter(job, enabled=not as_json) as progress:
         run, result = execute(
             engine, job, parameters, trigger="cli", progress=progress,

@@ -23,11 +23,13 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    inspect,
     literal,
     select,
     text,
     tuple_,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.expression import ColumnElement
 
 from voucher_jobs.data.schema import audit_archive, voucher_audit_logs
@@ -166,7 +168,6 @@ _MOVE_BATCH_POSTGRESQL = text(
         SELECT id, voucher_id, action, actor_type, code, metadata, created_at,
                :archived_at, :run_id
         FROM moved
-        ON CONFLICT (id) DO NOTHING
     )
     SELECT created_at, id, count(*) OVER () AS rows
     FROM moved
@@ -185,8 +186,8 @@ _MOVE_BATCH_POSTGRESQL = text(
 def _move_batch_postgresql(engine, cutoff, after, size, run_id, archived_at) -> BatchOutcome:
     # One statement: the DELETE's RETURNING feeds the INSERT, so both act on
     # exactly the same rows even while other sessions write to the table.
-    # ON CONFLICT only matters for an archive that already contains the id,
-    # such as one restored by hand; the live copy is removed either way.
+    # An id already in the archive (ids reused after a restore) violates its
+    # primary key, so the whole batch rolls back and no row is lost.
     start = after or START_KEY
     parameters = {
         "cutoff": cutoff,
@@ -197,8 +198,11 @@ def _move_batch_postgresql(engine, cutoff, after, size, run_id, archived_at) -> 
         "run_id": run_id,
     }
     # The server returns one row, the last key with the batch's row count.
-    with engine.begin() as connection:
-        row = connection.execute(_MOVE_BATCH_POSTGRESQL, parameters).first()
+    try:
+        with engine.begin() as connection:
+            row = connection.execute(_MOVE_BATCH_POSTGRESQL, parameters).first()
+    except IntegrityError as exc:
+        raise ArchiveConflict(_conflicting_ids(engine, cutoff, after, size)) from exc
     if row is None:
         return BatchOutcome(0, None)
     return BatchOutcome(row.rows, Key(row.created_at, row.id))
@@ -208,6 +212,13 @@ def _move_batch_sqlite(engine, cutoff, after, size, run_id, archived_at) -> Batc
     # BEGIN IMMEDIATE holds SQLite's single write lock for the whole
     # transaction, so no other writer can add or remove rows between the
     # copy and the delete: both statements see the same batch.
+    try:
+        return _move_batch_sqlite_transaction(engine, cutoff, after, size, run_id, archived_at)
+    except IntegrityError as exc:
+        raise ArchiveConflict(_conflicting_ids(engine, cutoff, after, size)) from exc
+
+
+def _move_batch_sqlite_transaction(engine, cutoff, after, size, run_id, archived_at):
     with engine.begin() as connection:
         keys = [Key(*row) for row in connection.execute(eligible(cutoff, after).limit(size))]
         if not keys:
@@ -221,9 +232,42 @@ def _move_batch_sqlite(engine, cutoff, after, size, run_id, archived_at) -> Batc
                 literal(run_id, BigId),
             ).where(id_in(engine, logs.c.id, ids)),
         )
-        connection.execute(copy.prefix_with("OR IGNORE"))
+        connection.execute(copy)
         connection.execute(delete(logs).where(id_in(engine, logs.c.id, ids)))
     return BatchOutcome(len(keys), keys[-1])
+
+
+def columns_not_archived(connection: Connection) -> list[str]:
+    """Return the live table's columns that the archive modes would not copy.
+
+    A backend may add columns to voucher_audit_logs; archiving such rows
+    would lose those values, so the archive modes refuse to start.
+    """
+    present = {column["name"] for column in inspect(connection).get_columns(logs.name)}
+    return sorted(present - set(_AUDIT_COLUMNS))
+
+
+class ArchiveConflict(Exception):
+    """Live audit rows whose ids the archive table already contains."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+        shown = ", ".join(str(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
+        super().__init__(
+            f"voucher_jobs_audit_archive already contains audit row ids {shown}, which "
+            "are also live in voucher_audit_logs (ids reused after a restore or a "
+            "sequence reset). Nothing of this batch was deleted. Compare the two "
+            "copies, remove one of them, and run again."
+        )
+
+
+def _conflicting_ids(engine: Engine, cutoff: datetime, after: Key | None, size: int) -> list[int]:
+    batch = eligible(cutoff, after).with_only_columns(logs.c.id).limit(size).subquery()
+    with engine.connect() as connection:
+        return list(connection.execute(
+            select(audit_archive.c.id).where(audit_archive.c.id.in_(select(batch.c.id)))
+            .order_by(audit_archive.c.id)
+        ).scalars())
 
 
 def read_page(connection: Connection, cutoff: datetime, after: Key | None, size: int) -> list[Any]:

@@ -21,3 +21,26 @@ def database_now(connection: Connection) -> datetime:
     """Return the database clock's current time, timezone-aware UTC."""
     value = connection.execute(select(current_utc())).scalar_one()
     return as_utc(value)
+
+
+class FutureReferenceTime(ValueError):
+    """A reference time later than the database clock."""
+
+
+def check_reference_time(requested: datetime | None, now: datetime) -> datetime:
+    """Return requested (or now when None), rejecting an instant after now.
+
+    A reference time in the future would expire vouchers before their expiry
+    and put the archival cutoff closer to now than the retention allows. The
+    CLI and the HTTP API call this; the job functions take any instant, so
+    that tests can run them at fixed times.
+    """
+    if requested is None:
+        return now
+    requested = as_utc(requested)
+    if requested > now:
+        raise FutureReferenceTime(
+            f"reference time {requested.isoformat()} is later than the database clock "
+            f"({now.isoformat()}). Use a time in the past, or leave it out to use now."
+        )
+    return requested

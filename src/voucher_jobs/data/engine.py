@@ -92,6 +92,11 @@ def _normalize_postgresql(url: URL) -> tuple[URL, dict[str, Any]]:
             f"DATABASE_URL driver {url.drivername!r} is not supported. "
             "Use postgresql:// (the psycopg 3 driver is chosen for you)."
         )
+    if not url.database:
+        raise DatabaseURLError(
+            f"DATABASE_URL {mask_url(url)!r} names no database. Add it after the "
+            "host, as in postgresql://user:password@localhost:5432/shop."
+        )
     query = dict(url.query)
     schema = query.get("schema")
     options = ["-c timezone=UTC"]

@@ -36,7 +36,7 @@ _process_locks_guard = threading.Lock()
 
 
 def advisory_key(job: str) -> int:
-    """Return the signed 64-bit advisory lock key for a job name."""
+    """Return the signed 64-bit advisory lock key for "schema:job"."""
     digest = hashlib.sha256(f"voucher_jobs:{job}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
@@ -55,11 +55,15 @@ def job_lock(engine: Engine, job: str) -> Iterator[bool]:
 
 @contextlib.contextmanager
 def _advisory_lock(engine: Engine, job: str) -> Iterator[bool]:
-    key = advisory_key(job)
     connection: Connection = engine.connect().execution_options(
         isolation_level="AUTOCOMMIT"
     )
     try:
+        # Advisory locks are per database. The schema goes into the key, so
+        # that two voucher schemas in one database (DATABASE_URL ?schema=)
+        # lock their jobs apart.
+        schema = connection.execute(text("SELECT current_schema()")).scalar() or ""
+        key = advisory_key(f"{schema}:{job}")
         acquired = bool(
             connection.execute(
                 text("SELECT pg_try_advisory_lock(:key)"), {"key": key}

@@ -16,6 +16,7 @@ from prometheus_client.exposition import choose_encoder
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from voucher_jobs.data.clock import FutureReferenceTime, check_reference_time, database_now
 from voucher_jobs.data import ledger
 from voucher_jobs.http.auth import require_token
 from voucher_jobs.http.job_status import job_status
@@ -97,6 +98,15 @@ def start_run(
         return _unknown_job(name)
     state = request.app.state
     options = body or RunRequest()
+    if options.reference_time is not None:
+        with state.engine.connect() as connection:
+            try:
+                check_reference_time(options.reference_time, database_now(connection))
+            except FutureReferenceTime as exc:
+                return JSONResponse(
+                    status_code=422,
+                    content={"message": f"body field 'reference_time': {exc}"},
+                )
     parameters = build_parameters(
         name, state.settings, dry_run=options.dry_run, reference_time=options.reference_time
     )

@@ -25,6 +25,7 @@ from voucher_jobs.config import ArchiveMode
 from voucher_jobs.data.audit_batches import (
     BatchOutcome,
     Key,
+    columns_not_archived,
     delete_batch,
     move_batch,
     summarize_eligible,
@@ -53,7 +54,13 @@ def compute_cutoff(reference_time: datetime, retention_days: int) -> datetime:
     """Return the instant before which audit rows are eligible."""
     if retention_days < 1:
         raise ValueError(f"retention_days={retention_days} is invalid: it must be at least 1")
-    return reference_time - timedelta(days=retention_days)
+    try:
+        return reference_time - timedelta(days=retention_days)
+    except OverflowError:
+        raise ValueError(
+            f"reference time {reference_time.isoformat()} minus {retention_days} days "
+            "is before year 1. Use a later reference time."
+        ) from None
 
 
 def run(engine: Engine, parameters: ArchivalParameters, context: JobContext) -> JobResult:
@@ -61,6 +68,14 @@ def run(engine: Engine, parameters: ArchivalParameters, context: JobContext) -> 
     with engine.connect() as connection:
         reference_time = parameters.reference_time or database_now(connection)
         cutoff = compute_cutoff(reference_time, parameters.retention_days)
+        if parameters.mode is not ArchiveMode.DELETE:
+            extra = columns_not_archived(connection)
+            if extra:
+                raise ValueError(
+                    f"voucher_audit_logs has columns that {parameters.mode.value} mode "
+                    f"would not keep: {', '.join(extra)}. Nothing was archived or "
+                    "deleted. Use --mode delete, or drop those columns first."
+                )
         summary = summarize_eligible(connection, cutoff)
         connection.rollback()
     details = {

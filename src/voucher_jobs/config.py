@@ -198,7 +198,7 @@ def describe_validation_error(exc: ValidationError) -> str:
         value = error.get("input")
         shown = "(masked)" if field in ("database_url", *SECRET_FIELDS) else repr(value)
         reason = error["msg"].removeprefix("Value error, ")
-        lines.append(f"{name}={shown} is invalid: {reason}. {_hint(field)}")
+        lines.append(f"{name}={shown} is invalid: {reason}. {_hint(field)}".rstrip())
     return "\n".join(lines)
 
 
@@ -226,5 +226,16 @@ def _hint(field: str) -> str:
         "archive_dir": "Set it to a folder path.",
         "schedule_timezone": "Use an IANA name such as UTC or Europe/Berlin.",
         "api_token": "Use a random string of at least 16 characters.",
+        "retry_attempts": "Set it to a whole number from 0 to 20.",
+        "retry_base_seconds": "Set it to a number of seconds above 0, at most 600.",
+        "voucher_expired_max_run_seconds": "Set it to a number of seconds above 0, "
+        "at most 604800.",
+        "audit_archival_max_run_seconds": "Set it to a number of seconds above 0, "
+        "at most 604800.",
+        "catchup_max_lateness_seconds": "Set it to a number of seconds from 0 to 2592000.",
+        "voucher_expired_enabled": "Use true or false.",
+        "audit_archival_enabled": "Use true or false.",
+        "api_allow_unauthenticated": "Use true or false.",
+        "api_port": "Set it to a TCP port number from 1 to 65535.",
     }
-    return hints.get(field, "")
+    return hints.get(field, "Run `voucher-jobs config --help` and see docs/configuration.md.")

@@ -73,5 +73,5 @@ def demo(
         archive_dir=settings.archive_dir,
         archive_file_rows=settings.archive_file_rows,
     ), as_json=False)
-    stdout.print("\nRun it again: nothing new to write. See every run with "
-                 "`voucher-jobs runs`.", markup=False)
+    stdout.print("\nRun `voucher-jobs run voucher-expired` again: it finds nothing new "
+                 "to write. See every run with `voucher-jobs runs`.", markup=False)

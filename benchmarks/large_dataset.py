@@ -181,10 +181,6 @@ def vacuum_analyze(engine: Engine) -> float:
 
 
 def fill_vouchers(engine: Engine, count: int, chunk_rows: int, now: datetime) -> Step:
-    # NOTE: on PostgreSQL, sample.insert_vouchers fails with "integer out of
-    # range" once n + existing vouchers passes 271,183, because the series is
-    # integer and n * 7919 overflows. Until data/sample.py casts the series
-    # to bigint, the default of 1,000,000 vouchers fails here.
     started = time.monotonic()
     inserted = 0
     while inserted < count:

@@ -22,7 +22,7 @@ DEFAULT_DATABASE_URL = "sqlite:///voucher-jobs.db"
 
 
 class ArchiveMode(str, enum.Enum):
-    """What audit-archival does with a row past the retention."""
+    """The action audit-archival takes on a row past the retention."""
 
     DELETE = "delete"
     ARCHIVE_TABLE = "archive-table"

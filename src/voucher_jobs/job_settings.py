@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from voucher_jobs.config import Settings
+from voucher_jobs.heartbeats import heartbeat_listeners
 from voucher_jobs.jobs import audit_archival, voucher_expired
 from voucher_jobs.jobs.base import BatchLimits
 from voucher_jobs.runner import RetryPolicy
@@ -51,3 +52,16 @@ def max_run_seconds(job: str, settings: Settings) -> float:
 
 def retry_policy(settings: Settings) -> RetryPolicy:
     return RetryPolicy(attempts=settings.retry_attempts, base_seconds=settings.retry_base_seconds)
+
+
+def run_options(job: str, settings: Settings) -> dict[str, Any]:
+    """Return the ActiveRun.run() options that the settings define for job.
+
+    Every trigger passes these, so retries, the maximum run time and the
+    heartbeat calls are the same however a run starts.
+    """
+    return {
+        "retry": retry_policy(settings),
+        "max_seconds": max_run_seconds(job, settings),
+        "listeners": heartbeat_listeners(job, settings),
+    }

@@ -21,8 +21,7 @@ from voucher_jobs.data.clock import FutureReferenceTime, check_reference_time, d
 from voucher_jobs.data.engine import engine_from_settings, mask_url
 from voucher_jobs.jobs import audit_archival, voucher_expired
 from voucher_jobs.jobs.base import BatchLimits
-from voucher_jobs.heartbeats import heartbeat_listeners
-from voucher_jobs.job_settings import max_run_seconds, retry_policy
+from voucher_jobs.job_settings import run_options
 from voucher_jobs.runner import execute
 
 EXIT_CODES = (
@@ -218,8 +217,7 @@ def _run(settings: Settings, job: str, parameters, as_json: bool) -> None:
     with progress_reporter(job, enabled=not as_json) as progress:
         run, result = execute(
             engine, job, parameters, trigger="cli", progress=progress,
-            retry=retry_policy(settings), max_seconds=max_run_seconds(job, settings),
-            listeners=heartbeat_listeners(job, settings),
+            **run_options(job, settings),
         )
     if as_json:
         stdout.print_json(json.dumps(_run_json(run)))

@@ -126,7 +126,7 @@ def create_db_engine(
     """Create an engine that stores and reads every timestamp in UTC.
 
     On PostgreSQL, lock_timeout_seconds bounds how long one statement waits
-    for a row or table lock; the statement then fails with SQLSTATE 55P03,
+    for a row or table lock. The statement then fails with SQLSTATE 55P03,
     which the runner retries as transient.
     """
     url, connect_args = normalize_url(raw_url)

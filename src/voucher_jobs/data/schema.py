@@ -88,8 +88,8 @@ expirations = Table(
     Column("logged_at", UTCDateTime(), nullable=False),
     PrimaryKeyConstraint("voucher_id", "expiry_date"),
 )
-# Each batch reads back its own claims by run id and voucher id range; an
-# index on run_id alone would scan every earlier batch's claims again.
+# Each batch reads back its own claims by run id and voucher id. An index on
+# run_id alone would scan every earlier batch's claims again.
 Index(
     f"ix_{TABLE_PREFIX}expirations_run_id_voucher_id",
     expirations.c.run_id,

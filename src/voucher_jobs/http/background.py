@@ -7,8 +7,7 @@ import threading
 import time
 
 from voucher_jobs.config import Settings
-from voucher_jobs.heartbeats import heartbeat_listeners
-from voucher_jobs.job_settings import max_run_seconds, retry_policy
+from voucher_jobs.job_settings import run_options
 from voucher_jobs.logs import log_event
 from voucher_jobs.runner import ActiveRun, RunFailed
 
@@ -63,9 +62,7 @@ class BackgroundRuns:
         try:
             active.run(
                 handle_signals=False,
-                retry=retry_policy(self._settings),
-                max_seconds=max_run_seconds(job, self._settings),
-                listeners=heartbeat_listeners(job, self._settings),
+                **run_options(job, self._settings),
             )
         except RunFailed:
             pass  # The runner has recorded and logged the failure.

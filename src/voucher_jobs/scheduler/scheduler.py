@@ -35,8 +35,7 @@ from voucher_jobs import logs, runner
 from voucher_jobs.config import Settings, load_settings
 from voucher_jobs.data import migrate
 from voucher_jobs.data.engine import engine_from_settings
-from voucher_jobs.heartbeats import heartbeat_listeners
-from voucher_jobs.job_settings import build_parameters, max_run_seconds, retry_policy
+from voucher_jobs.job_settings import build_parameters, run_options
 from voucher_jobs.jobs import JOBS
 from voucher_jobs.logs import log_event
 from voucher_jobs.scheduler import history
@@ -261,9 +260,7 @@ class Scheduler:
         try:
             active.run(
                 handle_signals=False,
-                retry=retry_policy(self.settings),
-                max_seconds=max_run_seconds(job, self.settings),
-                listeners=heartbeat_listeners(job, self.settings),
+                **run_options(job, self.settings),
             )
         except runner.RunFailed as failure:
             log_event(logger, "scheduled_run_failed", logging.ERROR, job=job, run_id=run_id,

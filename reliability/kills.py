@@ -36,7 +36,7 @@ ARCHIVE_FILE_ROWS = "60"
 
 def arguments(db: Database, scenario: str, *, rerun: bool = False) -> tuple[str, ...]:
     batch = ("--batch-size", "500", "--pause", "0") if rerun else (
-        "--batch-size", str(BATCH_SIZE), "--pause", PAUSE)
+        "--batch-size", str(BATCH_SIZE), "--batch-target-ms", "0", "--pause", PAUSE)
     if scenario == "expiry":
         return ("run", "voucher-expired", "--at", AT, *batch)
     return ("run", "audit-archival", "--mode", scenario, "--at", AT,

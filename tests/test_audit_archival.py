@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from tests.conftest import T0, Database
 from voucher_jobs.config import ArchiveMode
@@ -158,3 +158,100 @@ def test_unfinished_file_is_completed_by_next_run(db: Database) -> None:
     assert run.rows_affected == 250
     assert len(list((db.workdir / "archive").glob("*.jsonl.gz"))) == 1
     assert db.count(voucher_audit_logs) == 50
+
+
+def add_rows_with_ids(db: Database, rows: list[tuple[int, object]]) -> None:
+    with db.engine.begin() as connection:
+        connection.execute(insert(voucher_audit_logs), [
+            dict(id=row_id, voucher_id=1, action="UPDATED", actor_type="ADMIN", code="X",
+                 metadata={"n": row_id}, created_at=moment)
+            for row_id, moment in rows
+        ])
+
+
+@pytest.mark.parametrize("mode", list(ArchiveMode))
+def test_shuffled_layout_removes_exactly_the_old_rows(db: Database, mode: ArchiveMode) -> None:
+    # created_at unrelated to the ids: old and new rows alternate in id order,
+    # and the highest and lowest ids are new rows that must stay.
+    rows = [(i, CUTOFF - timedelta(minutes=i) if i % 3 else CUTOFF + timedelta(minutes=i))
+            for i in range(1, 301)]
+    add_rows_with_ids(db, rows)
+    old = sorted(i for i, moment in rows if moment < CUTOFF)
+    run, result = archive(db, mode=mode, batch_size=17, archive_file_rows=50)
+    assert run.rows_affected == len(old) == 200
+    live = db.rows(select(voucher_audit_logs.c.id).order_by(voucher_audit_logs.c.id))
+    assert [row.id for row in live] == [i for i in range(1, 301) if i % 3 == 0]
+    if mode is ArchiveMode.ARCHIVE_TABLE:
+        assert [row.id for row in db.rows(select(audit_archive.c.id).order_by(audit_archive.c.id))] == old
+    if mode is ArchiveMode.ARCHIVE_FILE:
+        ids = [json.loads(line)["id"]
+               for path in sorted((db.workdir / "archive").glob("*.jsonl.gz"))
+               for line in gzip.decompress(path.read_bytes()).splitlines()]
+        assert ids == old
+
+
+@pytest.mark.parametrize("mode", list(ArchiveMode))
+def test_sparse_ids_take_batches_by_rows_not_by_id_span(db: Database, mode: ArchiveMode) -> None:
+    # Ids far apart, as time-based 64-bit ids are: a batch takes the next
+    # rows, however wide their id range.
+    add_rows_with_ids(db, [(i * 10**15, CUTOFF - timedelta(minutes=i)) for i in range(1, 101)])
+    run, result = archive(db, mode=mode, batch_size=25, archive_file_rows=100)
+    assert run.rows_affected == 100
+    assert result.details["batches"] == 4
+    assert db.count(voucher_audit_logs) == 0
+
+
+def test_batches_grow_toward_their_time_target(db: Database) -> None:
+    db.add_audit_rows([CUTOFF - timedelta(seconds=i + 1) for i in range(2000)])
+    parameters = audit_archival.ArchivalParameters(
+        retention_days=RETENTION, reference_time=T0,
+        # A target far above what a batch of these rows takes: every batch
+        # doubles the next one, 10, 20, 40, ... rows.
+        limits=BatchLimits(batch_size=10, target_seconds=30.0),
+    )
+    run, result = execute(db.engine, audit_archival.NAME, parameters, trigger="test",
+                          handle_signals=False)
+    assert run.rows_affected == 2000
+    # 10 + 20 + ... + 640 = 1270 rows in 7 batches, then 730 rows in one.
+    assert result.details["batches"] == 8
+    assert result.details["largest_batch_rows"] == 730
+    assert result.details["batch_target_ms"] == 30_000
+    assert result.details["longest_batch_ms"] > 0
+
+
+def test_fixed_batches_without_a_target(db: Database) -> None:
+    db.add_audit_rows([CUTOFF - timedelta(seconds=i + 1) for i in range(200)])
+    run, result = archive(db, batch_size=10)
+    assert result.details["batches"] == 20
+    assert result.details["largest_batch_rows"] == 10
+    assert result.details["batch_target_ms"] is None
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_server_built_lines_match_python_lines(db: Database) -> None:
+    # On PostgreSQL the server formats archive lines; they must hold the
+    # same values as the lines Python writes on SQLite.
+    from voucher_jobs.data.audit_batches import (
+        Walk, archive_lines_from_server, read_archive_lines, read_page,
+    )
+    from voucher_jobs.jobs.archive_files import row_to_line
+
+    tricky = [
+        dict(voucher_id=None, action='QUOTE "x"', actor_type="ADMIN", code=None,
+             metadata=None),
+        dict(voucher_id=7, action="UPDATED", actor_type="USER", code="Zoë\\n\t€",
+             metadata={"b": [1, 2.5, None, True], "a": {"nested": "ü\"\\"}, "": ""}),
+        dict(voucher_id=2**40, action="REDEEMED", actor_type="SYSTEM", code="C-1",
+             metadata={"n": 1}),
+    ]
+    with db.engine.begin() as connection:
+        connection.execute(insert(voucher_audit_logs), [
+            dict(row, created_at=CUTOFF - timedelta(days=i, microseconds=i * 123457))
+            for i, row in enumerate(tricky, start=1)
+        ])
+        assert archive_lines_from_server(connection)
+        walk = Walk(CUTOFF, 10**12)
+        server = [json.loads(row.line) for row in read_archive_lines(connection, walk, 0, 10)]
+        python = [json.loads(row_to_line(row)) for row in read_page(connection, walk, 0, 10)]
+    assert len(server) == 3
+    assert server == python

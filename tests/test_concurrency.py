@@ -48,7 +48,8 @@ def test_second_cli_run_is_rejected(db: Database) -> None:
     ids = add_expired_vouchers(db)
     # 50 batches with a 0.05 s pause after each take at least 2.4 s, far
     # longer than the gap between the two process starts, so the runs overlap.
-    arguments = ("run", "voucher-expired", "--at", AT, "--batch-size", "10", "--pause", "0.05")
+    arguments = ("run", "voucher-expired", "--at", AT, "--batch-size", "10",
+                 "--batch-target-ms", "0", "--pause", "0.05")
     processes = [start_cli(db, *arguments), start_cli(db, *arguments)]
     outcomes = [finish(process) for process in processes]
 

@@ -105,7 +105,7 @@ def expired_counts(db: Database) -> Counter[int]:
 
 def expiry_arguments(batch_size: int = BATCH_SIZE, pause: str = PAUSE) -> tuple[str, ...]:
     return ("run", "voucher-expired", "--at", AT, "--batch-size", str(batch_size),
-            "--pause", pause)
+            "--batch-target-ms", "0", "--pause", pause)
 
 
 def expiry_rerun_arguments() -> tuple[str, ...]:
@@ -173,7 +173,7 @@ def archival_arguments(db: Database, mode: str, batch_size: int = BATCH_SIZE,
     return (
         "run", "audit-archival", "--mode", mode, "--archive-dir", str(archive_dir(db)),
         "--at", AT, "--retention-days", str(RETENTION_DAYS),
-        "--batch-size", str(batch_size), "--pause", pause,
+        "--batch-size", str(batch_size), "--batch-target-ms", "0", "--pause", pause,
     )
 
 

@@ -133,11 +133,11 @@ def test_repeated_batch_writes_no_duplicate(db: Database) -> None:
     # A retried attempt of one run can walk over vouchers that its earlier
     # attempt claimed: only claims made by the batch itself get a row.
     ids = [db.add_voucher(T0 - timedelta(days=1)) for _ in range(5)]
-    upper, written = voucher_expired._expire_batch(db.engine, T0, 0, 3, run_id=7)
-    assert (upper, written) == (ids[2], 3)
+    upper, looked_at, written = voucher_expired._expire_batch(db.engine, T0, 0, 3, run_id=7)
+    assert (upper, looked_at, written) == (ids[2], 3, 3)
     db.add_voucher(T0 - timedelta(days=1))
-    upper, written = voucher_expired._expire_batch(db.engine, T0, 0, 10, run_id=7)
-    assert written == 3
+    upper, looked_at, written = voucher_expired._expire_batch(db.engine, T0, 0, 10, run_id=7)
+    assert (looked_at, written) == (3, 3)
     assert len(expired_rows(db)) == 6
     for voucher in ids:
         assert len(expired_rows(db, voucher)) == 1

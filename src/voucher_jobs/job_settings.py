@@ -26,9 +26,7 @@ def build_parameters(
     limits: BatchLimits | None = None,
 ) -> Any:
     """Return the parameters of job as the settings define them."""
-    limits = limits or BatchLimits(
-        batch_size=settings.batch_size, pause_seconds=settings.batch_pause_seconds
-    )
+    limits = limits or batch_limits(settings)
     if job == voucher_expired.NAME:
         return voucher_expired.ExpiryParameters(
             reference_time=reference_time, dry_run=dry_run, limits=limits
@@ -42,8 +40,20 @@ def build_parameters(
             limits=limits,
             archive_dir=settings.archive_dir,
             archive_file_rows=settings.archive_file_rows,
+            partition_lock_timeout_seconds=settings.partition_lock_timeout_seconds,
         )
     raise KeyError(f"unknown job {job!r}")
+
+
+def batch_limits(settings: Settings, **overrides: Any) -> BatchLimits:
+    """Return the batch limits the settings define; overrides given as None are ignored."""
+    values: dict[str, Any] = {
+        "batch_size": settings.batch_size,
+        "pause_seconds": settings.batch_pause_seconds,
+        "target_seconds": settings.batch_target_ms / 1000 or None,
+    }
+    values.update({name: value for name, value in overrides.items() if value is not None})
+    return BatchLimits(**values)
 
 
 def max_run_seconds(job: str, settings: Settings) -> float:

@@ -15,7 +15,7 @@ from voucher_jobs.data.clock import database_now
 from voucher_jobs.data.engine import mask_url
 from voucher_jobs.data.schema import vouchers
 from voucher_jobs.jobs import audit_archival, voucher_expired
-from voucher_jobs.jobs.base import BatchLimits
+from voucher_jobs.job_settings import batch_limits
 from voucher_jobs.runner import execute
 
 
@@ -55,7 +55,7 @@ def demo(
 
     earlier = voucher_expired.ExpiryParameters(
         reference_time=now - timedelta(days=30),
-        limits=BatchLimits(batch_size=settings.batch_size),
+        limits=batch_limits(settings),
     )
     run, _ = execute(engine, voucher_expired.NAME, earlier, trigger="cli")
     stdout.print(
@@ -64,12 +64,12 @@ def demo(
 
     stdout.print("\nRunning voucher-expired:", markup=False)
     _run(settings, voucher_expired.NAME, voucher_expired.ExpiryParameters(
-        limits=BatchLimits(batch_size=settings.batch_size)), as_json=False)
+        limits=batch_limits(settings)), as_json=False)
     stdout.print("\nRunning audit-archival:", markup=False)
     _run(settings, audit_archival.NAME, audit_archival.ArchivalParameters(
         retention_days=settings.retention_days,
         mode=settings.archive_mode,
-        limits=BatchLimits(batch_size=settings.batch_size),
+        limits=batch_limits(settings),
         archive_dir=settings.archive_dir,
         archive_file_rows=settings.archive_file_rows,
     ), as_json=False)

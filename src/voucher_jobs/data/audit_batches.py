@@ -1,23 +1,31 @@
 """Batch statements over voucher_audit_logs for audit-archival.
 
-Every batch walks the (created_at, id) index forward from the last key the
-previous batch reached (keyset pagination). A batch never uses OFFSET and
-never starts again from the beginning of the table, so rows that earlier
-batches deleted are not scanned again, and rows deleted under the walk cannot
-make it skip or repeat a row.
+A run walks the eligible rows (`created_at < cutoff`) in id order, from the
+lowest eligible id to the highest one it found when it started. Each batch
+covers the next `size` rows above the id the previous batch reached, and
+removes the eligible ones among them as one id range:
+`after < id <= upper AND created_at < cutoff`. On a table that the
+application appends to, ids rise with created_at, so the walk reads the
+table in its physical order, and every batch is one range scan of the
+primary key instead of one index lookup per row. A batch starts where the
+previous one ended, never at the beginning, so it never reads the index
+entries of rows that earlier batches removed.
+
+On a table whose created_at is unrelated to its ids, the walk still visits
+each eligible row once; it then also reads the rows between them that are
+not eligible, and its batches remove fewer than `size` rows each.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
     Connection,
     Engine,
-    Integer,
     Select,
     bindparam,
     delete,
@@ -27,10 +35,8 @@ from sqlalchemy import (
     literal,
     select,
     text,
-    tuple_,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.sql.expression import ColumnElement
 
 from voucher_jobs.data.schema import audit_archive, voucher_audit_logs
 from voucher_jobs.data.statements import id_in
@@ -41,200 +47,201 @@ logs = voucher_audit_logs
 
 @dataclass(frozen=True, order=True)
 class Key:
-    """A position in the (created_at, id) walk."""
+    """A row's (created_at, id), as archive manifests record them."""
 
     created_at: datetime
     id: int
 
 
-# Before every real row: ids are positive and no timestamp precedes year 1.
-START_KEY = Key(datetime(1, 1, 1, tzinfo=timezone.utc), -(2**63))
+@dataclass(frozen=True)
+class Walk:
+    """What a run walks: rows older than cutoff with ids up to end_id."""
+
+    cutoff: datetime
+    end_id: int
 
 
 @dataclass(frozen=True)
 class BatchOutcome:
-    """Rows one batch removed from the live table, and the key it reached."""
+    """What one batch did: rows it removed, the id it reached, and whether it was full.
+
+    `last_id` is the upper end of the batch's id range, which the next batch
+    starts after; it is None when the walk had already reached its end. A
+    batch is `full` when its range held `size` rows, eligible or not; only
+    the last batch of a walk holds fewer.
+    """
 
     rows: int
-    last_key: Key | None
-
-
-def eligible(cutoff: datetime, after: Key | None) -> Select:
-    """Select the keys of rows older than cutoff that come after `after`."""
-    start = after or START_KEY
-    return (
-        select(logs.c.created_at, logs.c.id)
-        .where(
-            logs.c.created_at < bindparam("cutoff", cutoff, UTCDateTime()),
-            tuple_(logs.c.created_at, logs.c.id)
-            > tuple_(
-                bindparam("after_created_at", start.created_at, UTCDateTime()),
-                bindparam("after_id", start.id, BigId),
-            ),
-        )
-        .order_by(logs.c.created_at, logs.c.id)
-    )
+    last_id: int | None
+    full: bool = True
 
 
 def summarize_eligible(connection: Connection, cutoff: datetime) -> dict[str, Any]:
-    """Count the rows older than cutoff and give the oldest and newest of them."""
+    """Count the rows older than cutoff; give their oldest and newest times and id range."""
     row = connection.execute(
-        select(func.count(), func.min(logs.c.created_at), func.max(logs.c.created_at))
-        .where(logs.c.created_at < bindparam("cutoff", cutoff, UTCDateTime()))
+        select(
+            func.count(),
+            func.min(logs.c.created_at),
+            func.max(logs.c.created_at),
+            func.min(logs.c.id),
+            func.max(logs.c.id),
+        ).where(logs.c.created_at < bindparam("cutoff", cutoff, UTCDateTime()))
     ).one()
-    return {"eligible": row[0], "oldest": row[1], "newest": row[2]}
+    return {
+        "eligible": row[0],
+        "oldest": row[1],
+        "newest": row[2],
+        "min_id": row[3],
+        "max_id": row[4],
+    }
 
 
-def delete_batch(engine: Engine, cutoff: datetime, after: Key | None, size: int) -> BatchOutcome:
-    """Delete the next `size` eligible rows in one short transaction."""
-    batch = eligible(cutoff, after).with_only_columns(logs.c.id).limit(size)
-    statement = (
-        delete(logs)
-        .where(_id_in_batch(engine, batch))
-        .returning(logs.c.created_at, logs.c.id)
-    )
-    if engine.dialect.name == "postgresql":
-        # The server returns one row, the last key with the batch's row count,
-        # instead of every deleted key.
-        deleted = statement.cte("deleted")
-        summary = (
-            select(deleted.c.created_at, deleted.c.id, func.count().over())
-            .order_by(deleted.c.created_at.desc(), deleted.c.id.desc())
-            .limit(1)
+def eligible(walk: Walk, after_id: int) -> Select:
+    """Select the ids of eligible rows above after_id, in id order."""
+    return (
+        select(logs.c.id)
+        .where(
+            logs.c.id > bindparam("after_id", after_id, BigId),
+            logs.c.id <= bindparam("end_id", walk.end_id, BigId),
+            logs.c.created_at < bindparam("cutoff", walk.cutoff, UTCDateTime()),
         )
-        with engine.begin() as connection:
-            row = connection.execute(summary).first()
-        if row is None:
-            return BatchOutcome(0, None)
-        return BatchOutcome(row[2], Key(row[0], row[1]))
-    with engine.begin() as connection:
-        keys = [Key(*row) for row in connection.execute(statement)]
-    return BatchOutcome(len(keys), max(keys) if keys else None)
+        .order_by(logs.c.id)
+    )
 
 
-def _id_in_batch(engine: Engine, batch: Select) -> ColumnElement[bool]:
-    """`id IN (batch)`, written as `id = ANY(ARRAY(batch))` on PostgreSQL.
+def _batch_range(connection: Connection, walk: Walk, after_id: int, size: int
+                 ) -> tuple[int, bool] | None:
+    """Return the upper end of the next batch's id range and whether the range is full.
 
-    PostgreSQL plans `IN (subquery)` as a join. Estimating that join reads the
-    id index from its low end, across every entry of a row that an earlier
-    batch deleted and VACUUM has not yet removed, so planning grows with each
-    batch. ARRAY(subquery) is computed once before the scan and needs no join.
+    The range (after_id, upper] holds the next `size` rows of the table,
+    eligible or not, so a batch never holds more than `size` rows, however
+    far apart the ids are. The query reads the primary key index only
+    (an index-only scan on PostgreSQL). When fewer than `size` rows are
+    left before the end of the walk, the range ends at the walk's end.
     """
-    if engine.dialect.name == "postgresql":
-        return logs.c.id == func.any(func.array(batch.scalar_subquery()))
-    return logs.c.id.in_(batch.scalar_subquery())
+    if after_id >= walk.end_id:
+        return None
+    upper = connection.execute(
+        select(logs.c.id)
+        .where(
+            logs.c.id > bindparam("after_id", after_id, BigId),
+            logs.c.id <= bindparam("end_id", walk.end_id, BigId),
+        )
+        .order_by(logs.c.id)
+        .offset(size - 1)
+        .limit(1)
+    ).scalar()
+    if upper is None:
+        return walk.end_id, False
+    return upper, True
+
+
+def _in_range(walk: Walk, after_id: int, upper_id: int):
+    return (
+        logs.c.id > bindparam("after_id", after_id, BigId),
+        logs.c.id <= bindparam("upper_id", upper_id, BigId),
+        logs.c.created_at < bindparam("cutoff", walk.cutoff, UTCDateTime()),
+    )
+
+
+def delete_batch(engine: Engine, walk: Walk, after_id: int, size: int) -> BatchOutcome:
+    """Delete the eligible rows among the next `size` rows above after_id.
+
+    One short transaction; on SQLite, BEGIN IMMEDIATE (see data.engine)
+    holds the write lock from its first statement.
+    """
+    with engine.begin() as connection:
+        bounds = _batch_range(connection, walk, after_id, size)
+        if bounds is None:
+            return BatchOutcome(0, None)
+        upper_id, full = bounds
+        rows = connection.execute(delete(logs).where(*_in_range(walk, after_id, upper_id)))
+    return BatchOutcome(rows.rowcount, upper_id, full)
 
 
 def move_batch(
     engine: Engine,
-    cutoff: datetime,
-    after: Key | None,
+    walk: Walk,
+    after_id: int,
     size: int,
     run_id: int,
     archived_at: datetime,
 ) -> BatchOutcome:
-    """Copy the next `size` eligible rows to the archive table and delete them.
+    """Move the eligible rows among the next `size` rows to the archive table.
 
     The copy and the delete commit together, so a crash leaves each row
-    either live or archived, never both and never neither. A row already in
-    the archive (same id) is not copied again.
+    either live or archived, never both and never neither. An id that is
+    already in the archive (ids reused after a restore) violates the
+    archive's primary key, so the whole batch rolls back, nothing is lost,
+    and ArchiveConflict names the ids.
     """
-    if engine.dialect.name == "postgresql":
-        return _move_batch_postgresql(engine, cutoff, after, size, run_id, archived_at)
-    return _move_batch_sqlite(engine, cutoff, after, size, run_id, archived_at)
+    upper_id: int | None = None
+    try:
+        with engine.begin() as connection:
+            bounds = _batch_range(connection, walk, after_id, size)
+            if bounds is None:
+                return BatchOutcome(0, None)
+            upper_id, full = bounds
+            if engine.dialect.name == "postgresql":
+                rows = _move_range_postgresql(connection, walk, after_id, upper_id,
+                                              run_id, archived_at)
+            else:
+                rows = _move_range_sqlite(connection, walk, after_id, upper_id,
+                                          run_id, archived_at)
+        return BatchOutcome(rows, upper_id, full)
+    except IntegrityError as exc:
+        ids = _conflicting_ids(engine, walk, after_id, upper_id) if upper_id else []
+        raise ArchiveConflict(ids) from exc
 
 
 _AUDIT_COLUMNS = ["id", "voucher_id", "action", "actor_type", "code", "metadata", "created_at"]
 
-
-_MOVE_BATCH_POSTGRESQL = text(
+_MOVE_RANGE_POSTGRESQL = text(
     """
     WITH moved AS (
-        DELETE FROM voucher_audit_logs AS live
-        WHERE live.id = ANY(ARRAY(
-            SELECT id
-            FROM voucher_audit_logs
-            WHERE created_at < :cutoff
-              AND (created_at, id) > (:after_created_at, :after_id)
-            ORDER BY created_at, id
-            LIMIT :size
-        ))
-        RETURNING live.*
-    ),
-    copied AS (
-        INSERT INTO voucher_jobs_audit_archive
-            (id, voucher_id, action, actor_type, code, metadata, created_at,
-             archived_at, run_id)
-        SELECT id, voucher_id, action, actor_type, code, metadata, created_at,
-               :archived_at, :run_id
-        FROM moved
+        DELETE FROM voucher_audit_logs
+        WHERE id > :after_id AND id <= :upper_id AND created_at < :cutoff
+        RETURNING id, voucher_id, action, actor_type, code, metadata, created_at
     )
-    SELECT created_at, id, count(*) OVER () AS rows
+    INSERT INTO voucher_jobs_audit_archive
+        (id, voucher_id, action, actor_type, code, metadata, created_at, archived_at, run_id)
+    SELECT id, voucher_id, action, actor_type, code, metadata, created_at,
+           :archived_at, :run_id
     FROM moved
-    ORDER BY created_at DESC, id DESC
-    LIMIT 1
     """
 ).bindparams(
     bindparam("cutoff", type_=UTCDateTime()),
-    bindparam("after_created_at", type_=UTCDateTime()),
     bindparam("after_id", type_=BigId),
+    bindparam("upper_id", type_=BigId),
     bindparam("archived_at", type_=UTCDateTime()),
     bindparam("run_id", type_=BigId),
-).columns(created_at=UTCDateTime(), id=BigId, rows=Integer)
+)
 
 
-def _move_batch_postgresql(engine, cutoff, after, size, run_id, archived_at) -> BatchOutcome:
+def _move_range_postgresql(connection, walk, after_id, upper_id, run_id, archived_at) -> int:
     # One statement: the DELETE's RETURNING feeds the INSERT, so both act on
     # exactly the same rows even while other sessions write to the table.
-    # An id already in the archive (ids reused after a restore) violates its
-    # primary key, so the whole batch rolls back and no row is lost.
-    start = after or START_KEY
-    parameters = {
-        "cutoff": cutoff,
-        "after_created_at": start.created_at,
-        "after_id": start.id,
-        "size": size,
-        "archived_at": archived_at,
-        "run_id": run_id,
-    }
-    # The server returns one row, the last key with the batch's row count.
-    try:
-        with engine.begin() as connection:
-            row = connection.execute(_MOVE_BATCH_POSTGRESQL, parameters).first()
-    except IntegrityError as exc:
-        raise ArchiveConflict(_conflicting_ids(engine, cutoff, after, size)) from exc
-    if row is None:
-        return BatchOutcome(0, None)
-    return BatchOutcome(row.rows, Key(row.created_at, row.id))
+    result = connection.execute(_MOVE_RANGE_POSTGRESQL, {
+        "cutoff": walk.cutoff, "after_id": after_id, "upper_id": upper_id,
+        "archived_at": archived_at, "run_id": run_id,
+    })
+    return result.rowcount
 
 
-def _move_batch_sqlite(engine, cutoff, after, size, run_id, archived_at) -> BatchOutcome:
+def _move_range_sqlite(connection, walk, after_id, upper_id, run_id, archived_at) -> int:
     # BEGIN IMMEDIATE holds SQLite's single write lock for the whole
     # transaction, so no other writer can add or remove rows between the
-    # copy and the delete: both statements see the same batch.
-    try:
-        return _move_batch_sqlite_transaction(engine, cutoff, after, size, run_id, archived_at)
-    except IntegrityError as exc:
-        raise ArchiveConflict(_conflicting_ids(engine, cutoff, after, size)) from exc
-
-
-def _move_batch_sqlite_transaction(engine, cutoff, after, size, run_id, archived_at):
-    with engine.begin() as connection:
-        keys = [Key(*row) for row in connection.execute(eligible(cutoff, after).limit(size))]
-        if not keys:
-            return BatchOutcome(0, None)
-        ids = [key.id for key in keys]
-        copy = insert(audit_archive).from_select(
-            [*_AUDIT_COLUMNS, "archived_at", "run_id"],
-            select(
-                *(logs.c[name] for name in _AUDIT_COLUMNS),
-                bindparam("archived_at", archived_at, UTCDateTime()),
-                literal(run_id, BigId),
-            ).where(id_in(engine, logs.c.id, ids)),
-        )
-        connection.execute(copy)
-        connection.execute(delete(logs).where(id_in(engine, logs.c.id, ids)))
-    return BatchOutcome(len(keys), keys[-1])
+    # copy and the delete: both statements see the same rows.
+    copy = insert(audit_archive).from_select(
+        [*_AUDIT_COLUMNS, "archived_at", "run_id"],
+        select(
+            *(logs.c[name] for name in _AUDIT_COLUMNS),
+            bindparam("archived_at", archived_at, UTCDateTime()),
+            literal(run_id, BigId),
+        ).where(*_in_range(walk, after_id, upper_id)),
+    )
+    connection.execute(copy)
+    return connection.execute(delete(logs).where(*_in_range(walk, after_id, upper_id))).rowcount
 
 
 def columns_not_archived(connection: Connection) -> list[str]:
@@ -261,8 +268,8 @@ class ArchiveConflict(Exception):
         )
 
 
-def _conflicting_ids(engine: Engine, cutoff: datetime, after: Key | None, size: int) -> list[int]:
-    batch = eligible(cutoff, after).with_only_columns(logs.c.id).limit(size).subquery()
+def _conflicting_ids(engine: Engine, walk: Walk, after_id: int, upper_id: int) -> list[int]:
+    batch = select(logs.c.id).where(*_in_range(walk, after_id, upper_id)).subquery()
     with engine.connect() as connection:
         return list(connection.execute(
             select(audit_archive.c.id).where(audit_archive.c.id.in_(select(batch.c.id)))
@@ -270,12 +277,62 @@ def _conflicting_ids(engine: Engine, cutoff: datetime, after: Key | None, size: 
         ).scalars())
 
 
-def read_page(connection: Connection, cutoff: datetime, after: Key | None, size: int) -> list[Any]:
-    """Read the next `size` eligible rows, whole, in key order."""
-    query = eligible(cutoff, after).with_only_columns(
+def read_page(connection: Connection, walk: Walk, after_id: int, size: int) -> list[Any]:
+    """Read the next `size` eligible rows above after_id, whole, in id order."""
+    query = eligible(walk, after_id).with_only_columns(
         *(logs.c[name] for name in _AUDIT_COLUMNS)
     ).limit(size)
     return list(connection.execute(query))
+
+
+# The archive line of a row, built by PostgreSQL in the format of
+# archive_files.row_to_line: keys in sorted order, no spaces between items,
+# created_at in UTC with six fractional digits. The metadata document is
+# copied as the server prints it, which is valid JSON for json and jsonb
+# columns. Python then only joins the lines, which is several times faster
+# than decoding each document and encoding it again.
+_ARCHIVE_LINES_POSTGRESQL = text(
+    """
+    SELECT id, created_at,
+           '{"action":' || coalesce(to_json(action)::text, 'null')
+           || ',"actor_type":' || coalesce(to_json(actor_type)::text, 'null')
+           || ',"code":' || coalesce(to_json(code)::text, 'null')
+           || ',"created_at":"'
+           || to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') || '"'
+           || ',"id":' || id
+           || ',"metadata":' || coalesce(metadata::text, 'null')
+           || ',"voucher_id":' || coalesce(voucher_id::text, 'null')
+           || '}' AS line
+    FROM voucher_audit_logs
+    WHERE id > :after_id AND id <= :end_id AND created_at < :cutoff
+    ORDER BY id
+    LIMIT :size
+    """
+).bindparams(
+    bindparam("cutoff", type_=UTCDateTime()),
+    bindparam("after_id", type_=BigId),
+    bindparam("end_id", type_=BigId),
+)
+
+
+def archive_lines_from_server(connection: Connection) -> bool:
+    """Tell whether the server can build archive lines: PostgreSQL, json or jsonb metadata."""
+    if connection.dialect.name != "postgresql":
+        return False
+    kind = connection.execute(text(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+        "WHERE attrelid = 'voucher_audit_logs'::regclass AND attname = 'metadata' "
+        "AND NOT attisdropped"
+    )).scalar()
+    return kind in ("json", "jsonb")
+
+
+def read_archive_lines(connection: Connection, walk: Walk, after_id: int, size: int
+                       ) -> list[Any]:
+    """Read the next `size` eligible rows as (id, created_at, line), in id order."""
+    return list(connection.execute(_ARCHIVE_LINES_POSTGRESQL, {
+        "cutoff": walk.cutoff, "after_id": after_id, "end_id": walk.end_id, "size": size,
+    }))
 
 
 def delete_ids(engine: Engine, ids: Sequence[int], cutoff: datetime) -> int:

@@ -26,20 +26,32 @@ import hashlib
 import io
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 
-from voucher_jobs.data.audit_batches import Key, delete_ids, read_page
+from voucher_jobs.data.audit_batches import (
+    Key,
+    Walk,
+    archive_lines_from_server,
+    delete_ids,
+    read_archive_lines,
+    read_page,
+)
 from voucher_jobs.data.schema import archive_files
 from voucher_jobs.data.types import as_utc, utc_now
+from voucher_jobs.jobs.base import BatchSizer
 
 FORMAT = "voucher-jobs-audit-archive/1"
 DATA_SUFFIX = ".jsonl.gz"
+# zlib's default level: files about as small as with level 9, written
+# several times faster.
+COMPRESS_LEVEL = 6
 MANIFEST_SUFFIX = ".manifest.json"
 
 
@@ -139,30 +151,36 @@ def _write_durably(path: Path, content: bytes) -> None:
 def export_file(
     engine: Engine,
     directory: Path,
-    cutoff: datetime,
-    after: Key | None,
+    walk: Walk,
+    after_id: int,
     *,
     max_rows: int,
     page_size: int,
     run_id: int,
     sequence: int,
     stop_requested: Callable[[], bool],
-) -> Manifest | None:
+    read_rows: Callable[[Connection, Walk, int, int], list[Any]] = read_page,
+) -> tuple[Manifest, list[int]] | None:
     """Write the next eligible rows (at most max_rows) to a verified archive file.
 
-    Returns None when no row is eligible, or when a stop was requested before
-    the file was complete. In both cases no file is left behind.
+    Returns the file's manifest and the ids of its rows in file order, or
+    None when no row is eligible or when a stop was requested before the
+    file was complete. In both cases no file is left behind. `read_rows`
+    reads each page; partition retirement passes one that reads a single
+    partition.
     """
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"voucher_audit_logs.run{run_id:08d}.{sequence:05d}"
     temporary = directory / f".{stem}{DATA_SUFFIX}.tmp"
     try:
-        manifest = _write_rows(
-            engine, temporary, stem, cutoff, after, max_rows, page_size, run_id, stop_requested
+        written = _write_rows(
+            engine, temporary, stem, walk, after_id, max_rows, page_size, run_id, stop_requested,
+            read_rows,
         )
-        if manifest is None:
+        if written is None:
             temporary.unlink(missing_ok=True)
             return None
+        manifest, ids = written
         verify_data_file(temporary, manifest)
         taken = [path.name for path in (directory / f"{stem}{DATA_SUFFIX}",
                                          directory / f"{stem}{MANIFEST_SUFFIX}")
@@ -178,7 +196,7 @@ def export_file(
         os.replace(temporary, directory / f"{stem}{DATA_SUFFIX}")
         os.replace(manifest_temporary, directory / f"{stem}{MANIFEST_SUFFIX}")
         _fsync_directory(directory)
-        return manifest
+        return manifest, ids
     except BaseException as exc:
         # Disk full, a read error or an interrupt: nothing was deleted yet,
         # so removing the partial files loses nothing.
@@ -195,52 +213,60 @@ def export_file(
 
 
 def _write_rows(
-    engine, temporary, stem, cutoff, after, max_rows, page_size, run_id, stop_requested
-) -> Manifest | None:
+    engine, temporary, stem, walk, after_id, max_rows, page_size, run_id, stop_requested,
+    read_rows,
+) -> tuple[Manifest, list[int]] | None:
     digest = hashlib.sha256()
-    count = 0
+    ids: list[int] = []
     first: Key | None = None
     last: Key | None = None
-    min_id: int | None = None
-    max_id: int | None = None
+    from_server = False
+    if read_rows is read_page:
+        with engine.connect() as connection:
+            from_server = archive_lines_from_server(connection)
     with open(temporary, "wb") as raw:
         # mtime=0 keeps the gzip header free of the write time, so the same
         # rows always give the same bytes.
-        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as compressed:
-            while count < max_rows:
+        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0,
+                           compresslevel=COMPRESS_LEVEL) as compressed:
+            while len(ids) < max_rows:
+                size = min(page_size, max_rows - len(ids))
                 with engine.connect() as connection:
-                    page = read_page(connection, cutoff, last or after, min(page_size, max_rows - count))
+                    if from_server:
+                        page = read_archive_lines(connection, walk, after_id, size)
+                        chunk = "".join(row.line + "\n" for row in page).encode()
+                    else:
+                        page = read_rows(connection, walk, after_id, size)
+                        chunk = b"".join(row_to_line(row) for row in page)
                 if not page:
                     break
-                for row in page:
-                    line = row_to_line(row)
-                    compressed.write(line)
-                    digest.update(line)
-                key = Key(as_utc(page[-1].created_at), page[-1].id)
+                compressed.write(chunk)
+                digest.update(chunk)
                 first = first or Key(as_utc(page[0].created_at), page[0].id)
-                last = key
-                page_ids = [row.id for row in page]
-                min_id = min(page_ids) if min_id is None else min(min_id, *page_ids)
-                max_id = max(page_ids) if max_id is None else max(max_id, *page_ids)
-                count += len(page)
+                last = Key(as_utc(page[-1].created_at), page[-1].id)
+                after_id = last.id
+                ids.extend(row.id for row in page)
                 if stop_requested():
                     return None
         raw.flush()
         os.fsync(raw.fileno())
-    if count == 0 or first is None or last is None or min_id is None or max_id is None:
+    if not ids or first is None or last is None:
         return None
-    return Manifest(
+    manifest = Manifest(
         name=f"{stem}{DATA_SUFFIX}",
-        rows=count,
+        rows=len(ids),
         sha256=digest.hexdigest(),
         first_key=first,
         last_key=last,
-        min_id=min_id,
-        max_id=max_id,
-        cutoff=cutoff,
+        # The walk is in id order, so the first and last rows hold the
+        # lowest and highest ids.
+        min_id=first.id,
+        max_id=last.id,
+        cutoff=walk.cutoff,
         run_id=run_id,
         exported_at=utc_now(),
     )
+    return manifest, ids
 
 
 def iter_lines(path: Path) -> Iterator[bytes]:
@@ -301,37 +327,32 @@ def register(engine: Engine, manifest: Manifest) -> None:
 
 def delete_archived_rows(
     engine: Engine,
-    directory: Path,
     manifest: Manifest,
-    batch_size: int,
-    on_batch: Callable[[int], bool],
-) -> tuple[int, bool]:
-    """Delete the live rows of a registered file in batches of batch_size ids.
+    ids: list[int],
+    sizer: BatchSizer,
+    on_batch: Callable[[int, float], bool],
+) -> bool:
+    """Delete the live rows of a registered file, the listed ids, in batches.
 
-    `on_batch` receives the rows each batch deleted and returns False to stop
-    early. Returns the rows deleted and whether the file is now complete.
+    `ids` are the ids of the file's rows. The sizer sets each batch's size.
+    `on_batch` receives the rows each batch deleted and its seconds, and
+    returns False to stop early. Returns whether the file is now complete.
     """
-    deleted = 0
-    ids: list[int] = []
-    for row_id in iter_ids(directory / manifest.name):
-        ids.append(row_id)
-        if len(ids) == batch_size:
-            count = delete_ids(engine, ids, manifest.cutoff)
-            deleted += count
-            ids = []
-            if not on_batch(count):
-                return deleted, False
-    if ids:
-        count = delete_ids(engine, ids, manifest.cutoff)
-        deleted += count
-        on_batch(count)
+    position = 0
+    while position < len(ids):
+        chunk = ids[position:position + sizer.size]
+        position += len(chunk)
+        started = time.monotonic()
+        count = delete_ids(engine, chunk, manifest.cutoff)
+        if not on_batch(count, time.monotonic() - started) and position < len(ids):
+            return False
     with engine.begin() as connection:
         connection.execute(
             update(archive_files)
             .where(archive_files.c.name == manifest.name)
             .values(status="complete", completed_at=utc_now())
         )
-    return deleted, True
+    return True
 
 
 def read_manifest(path: Path) -> Manifest:

@@ -24,14 +24,15 @@ from sqlalchemy import Engine
 from voucher_jobs.config import ArchiveMode
 from voucher_jobs.data.audit_batches import (
     BatchOutcome,
-    Key,
+    Walk,
     columns_not_archived,
     delete_batch,
     move_batch,
     summarize_eligible,
 )
 from voucher_jobs.data.clock import database_now
-from voucher_jobs.jobs import archive_files
+from voucher_jobs.data.engine import connect_for_reads
+from voucher_jobs.jobs import archive_files, partition_retirement
 from voucher_jobs.jobs.base import BatchLimits, JobContext, JobResult
 
 NAME = "audit-archival"
@@ -48,6 +49,8 @@ class ArchivalParameters:
     limits: BatchLimits = BatchLimits()
     archive_dir: Path = Path("archive")
     archive_file_rows: int = 100_000
+    # How long retiring a whole partition waits for its lock on the parent.
+    partition_lock_timeout_seconds: float = 2.0
 
 
 def compute_cutoff(reference_time: datetime, retention_days: int) -> datetime:
@@ -65,7 +68,9 @@ def compute_cutoff(reference_time: datetime, retention_days: int) -> datetime:
 
 def run(engine: Engine, parameters: ArchivalParameters, context: JobContext) -> JobResult:
     """Archive or delete every row older than the cutoff, batch by batch."""
-    with engine.connect() as connection:
+    # The summary reads every eligible row, so on SQLite it must not hold
+    # the write lock that the application's writes wait for.
+    with connect_for_reads(engine) as connection:
         reference_time = parameters.reference_time or database_now(connection)
         cutoff = compute_cutoff(reference_time, parameters.retention_days)
         if parameters.mode is not ArchiveMode.DELETE:
@@ -89,38 +94,58 @@ def run(engine: Engine, parameters: ArchivalParameters, context: JobContext) -> 
     }
     context.log("archival_started", **details, dry_run=parameters.dry_run)
     if parameters.dry_run:
+        details.update(partition_retirement.describe_retirement(engine, cutoff, context))
         return JobResult(rows_affected=0, dry_run=True, details=details)
 
+    # On a range-partitioned table, whole partitions older than the cutoff
+    # are archived and dropped first; the batches remove the rest.
+    retirement = partition_retirement.retire_old_partitions(
+        engine, parameters, context, cutoff, reference_time
+    )
+    details.update(retirement.details())
+
+    walk = Walk(cutoff, summary["max_id"] if summary["max_id"] is not None else 0)
+    # The walk starts below the lowest eligible id: nothing under it is
+    # eligible, so no batch needs to read there.
+    start_id = summary["min_id"] - 1 if summary["min_id"] is not None else walk.end_id
+    sizer = parameters.limits.sizer()
     if parameters.mode is ArchiveMode.ARCHIVE_FILE:
-        outcome = _run_file_mode(engine, parameters, context, cutoff, summary["eligible"])
+        outcome = _run_file_mode(engine, parameters, context, walk, start_id, sizer,
+                                 summary["eligible"])
     else:
-        outcome = _run_table_modes(engine, parameters, context, cutoff, reference_time,
-                                   summary["eligible"])
+        outcome = _run_table_modes(engine, parameters, context, walk, start_id, sizer,
+                                   reference_time, summary["eligible"])
     removed, batches, interrupted, extra = outcome
-    details.update(removed=removed, batches=batches, **extra)
+    removed += retirement.removed
+    details.update(removed=removed, batches=batches, **sizer.details(), **extra)
     return JobResult(rows_affected=removed, interrupted=interrupted, details=details)
 
 
-def _run_table_modes(engine, parameters, context, cutoff, reference_time, eligible):
+def _run_table_modes(engine, parameters, context, walk, after_id, sizer, reference_time,
+                     eligible):
     limits = parameters.limits
     started = time.monotonic()
     removed = batches = 0
-    after: Key | None = None
     context.progress(0, eligible)
-    while True:
+    while after_id < walk.end_id:
+        size = sizer.size
+        batch_started = time.monotonic()
         if parameters.mode is ArchiveMode.ARCHIVE_TABLE:
             outcome: BatchOutcome = move_batch(
-                engine, cutoff, after, limits.batch_size, context.run_id, reference_time
+                engine, walk, after_id, size, context.run_id, reference_time
             )
         else:
-            outcome = delete_batch(engine, cutoff, after, limits.batch_size)
-        if outcome.last_key is None:
+            outcome = delete_batch(engine, walk, after_id, size)
+        elapsed = time.monotonic() - batch_started
+        if outcome.last_id is None:
             break
+        sizer.record(elapsed, outcome.rows, outcome.full)
         batches += 1
         removed += outcome.rows
-        after = outcome.last_key
+        after_id = outcome.last_id
         context.progress(removed, eligible)
-        context.log("archival_batch", batch=batches, rows=outcome.rows, last_id=after.id)
+        context.log("archival_batch", batch=batches, rows=outcome.rows, last_id=after_id,
+                    ms=round(elapsed * 1000, 1), next_size=sizer.size)
         stop = _should_stop(context, limits, batches, started)
         if stop is not None:
             return removed, batches, stop, {}
@@ -141,7 +166,7 @@ def _should_stop(context: JobContext, limits: BatchLimits, batches: int, started
     return None
 
 
-def _run_file_mode(engine, parameters, context, cutoff, eligible):
+def _run_file_mode(engine, parameters, context, walk, after_id, sizer, eligible):
     limits = parameters.limits
     directory = parameters.archive_dir
     started = time.monotonic()
@@ -149,49 +174,50 @@ def _run_file_mode(engine, parameters, context, cutoff, eligible):
     files: list[str] = []
     context.progress(0, eligible)
 
-    def on_batch(rows: int) -> bool:
+    def on_batch(rows: int, seconds: float) -> bool:
         nonlocal removed, batches
         removed += rows
         batches += 1
+        sizer.record(seconds, rows)
         context.progress(removed, eligible)
+        context.log("archival_batch", batch=batches, rows=rows, ms=round(seconds * 1000, 1),
+                    next_size=sizer.size)
         return _should_stop(context, limits, batches, started) is None
 
     # Finish what a crashed or stopped run left: verified files whose rows
     # are not all deleted yet.
     for manifest in archive_files.unfinished_files(engine, directory, context.log):
         context.log("archive_file_resumed", file=manifest.name, rows=manifest.rows)
-        _, complete = archive_files.delete_archived_rows(
-            engine, directory, manifest, limits.batch_size, on_batch
-        )
+        ids = list(archive_files.iter_ids(directory / manifest.name))
+        complete = archive_files.delete_archived_rows(engine, manifest, ids, sizer, on_batch)
         if not complete:
             return removed, batches, context.stop_requested(), {"files": files}
 
-    after: Key | None = None
     # A retry of this run, after a transient error, numbers its files after
     # those of the earlier attempts, so that no name is used twice.
     sequence = archive_files.files_of_run(engine, context.run_id)
-    while True:
+    while after_id < walk.end_id:
         sequence += 1
-        manifest = archive_files.export_file(
+        exported = archive_files.export_file(
             engine,
             directory,
-            cutoff,
-            after,
+            walk,
+            after_id,
             max_rows=parameters.archive_file_rows,
-            page_size=limits.batch_size,
+            page_size=max(sizer.size, limits.batch_size),
             run_id=context.run_id,
             sequence=sequence,
             stop_requested=context.stop_requested,
         )
-        if manifest is None:
-            return removed, batches, context.stop_requested(), {"files": files}
+        if exported is None:
+            break
+        manifest, ids = exported
         archive_files.register(engine, manifest)
         files.append(manifest.name)
         context.log("archive_file_exported", file=manifest.name, rows=manifest.rows,
                     sha256=manifest.sha256)
-        after = manifest.last_key
-        _, complete = archive_files.delete_archived_rows(
-            engine, directory, manifest, limits.batch_size, on_batch
-        )
+        after_id = manifest.last_key.id
+        complete = archive_files.delete_archived_rows(engine, manifest, ids, sizer, on_batch)
         if not complete or context.stop_requested() or limits.reached(batches, started):
-            return removed, batches, context.stop_requested(), {"files": files}
+            break
+    return removed, batches, context.stop_requested(), {"files": files}

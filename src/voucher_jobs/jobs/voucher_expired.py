@@ -31,6 +31,7 @@ from sqlalchemy import (
 )
 
 from voucher_jobs.data.clock import database_now
+from voucher_jobs.data.engine import connect_for_reads
 from voucher_jobs.data.statements import id_in, insert_ignoring_conflicts
 from voucher_jobs.data.schema import expirations, voucher_audit_logs, vouchers
 from voucher_jobs.data.types import (
@@ -89,7 +90,9 @@ def pending_vouchers(
 
 def run(engine: Engine, parameters: ExpiryParameters, context: JobContext) -> JobResult:
     """Write the missing EXPIRED rows in batches of at most batch_size vouchers."""
-    with engine.connect() as connection:
+    # The count reads every expired voucher, so on SQLite it must not hold
+    # the write lock that the application's writes wait for.
+    with connect_for_reads(engine) as connection:
         reference_time = (
             as_utc(parameters.reference_time)
             if parameters.reference_time
@@ -123,18 +126,23 @@ def run(engine: Engine, parameters: ExpiryParameters, context: JobContext) -> Jo
     # the batch would write their EXPIRED rows a second time.
     written, after_id = _claimed_by_run(engine, context.run_id)
     interrupted = False
+    sizer = limits.sizer()
     context.progress(0, pending)
     while True:
-        upper_id, inserted = _expire_batch(
-            engine, reference_time, after_id, limits.batch_size, context.run_id
+        batch_started = time.monotonic()
+        upper_id, looked_at, inserted = _expire_batch(
+            engine, reference_time, after_id, sizer.size, context.run_id
         )
         if upper_id is None:
             break
+        elapsed = time.monotonic() - batch_started
+        sizer.record(elapsed, looked_at)
         batches += 1
         written += inserted
         after_id = upper_id
         context.progress(written, pending)
-        context.log("expiry_batch", batch=batches, written=inserted, last_voucher_id=upper_id)
+        context.log("expiry_batch", batch=batches, written=inserted, last_voucher_id=upper_id,
+                    ms=round(elapsed * 1000, 1), next_size=sizer.size)
         if context.stop_requested():
             interrupted = True
             break
@@ -147,7 +155,7 @@ def run(engine: Engine, parameters: ExpiryParameters, context: JobContext) -> Jo
                 interrupted = True
                 break
 
-    details.update(batches=batches, written=written, last_voucher_id=after_id)
+    details.update(batches=batches, written=written, last_voucher_id=after_id, **sizer.details())
     return JobResult(rows_affected=written, interrupted=interrupted, details=details)
 
 
@@ -164,11 +172,12 @@ def _claimed_by_run(engine: Engine, run_id: int) -> tuple[int, int]:
 
 def _expire_batch(
     engine: Engine, reference_time: datetime, after_id: int, batch_size: int, run_id: int
-) -> tuple[int | None, int]:
+) -> tuple[int | None, int, int]:
     """Log one batch of vouchers with ids above after_id in one transaction.
 
     Returns the highest voucher id the batch looked at (None when no voucher
-    is left) and the number of EXPIRED rows written.
+    is left), the number of vouchers it claimed or found claimed, and the
+    number of EXPIRED rows written.
 
     Safe under concurrency: the claim in `voucher_jobs_expirations` goes
     first, with ON CONFLICT DO NOTHING on its (voucher_id, expiry_date) key.
@@ -180,11 +189,12 @@ def _expire_batch(
     """
     pending = pending_vouchers(reference_time, after_id)
     with engine.begin() as connection:
-        upper_id = connection.execute(
-            select(func.max(pending.order_by(vouchers.c.id).limit(batch_size).subquery().c.id))
-        ).scalar_one()
+        next_vouchers = pending.order_by(vouchers.c.id).limit(batch_size).subquery()
+        upper_id, looked_at = connection.execute(
+            select(func.max(next_vouchers.c.id), func.count())
+        ).one()
         if upper_id is None:
-            return None, 0
+            return None, 0, 0
 
         in_batch = pending_vouchers(reference_time, after_id, upper_id)
         claims = select(
@@ -199,7 +209,7 @@ def _expire_batch(
             .returning(expirations.c.voucher_id)
         ).scalars().all()
         if not claimed_ids:
-            return upper_id, 0
+            return upper_id, looked_at, 0
 
         claimed = and_(
             expirations.c.run_id == run_id,
@@ -230,5 +240,5 @@ def _expire_batch(
         )
         # RETURNING, because psycopg reports no rowcount for INSERT ... SELECT
         # here. The batch is bounded, so the list is small.
-        return upper_id, len(result.fetchall())
+        return upper_id, looked_at, len(result.fetchall())
 

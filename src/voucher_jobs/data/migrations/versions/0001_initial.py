@@ -55,6 +55,9 @@ def _check_columns(table: str) -> None:
 
 
 def _create_index(name: str, table: str, columns: list[str], adopted: bool, **kw) -> None:
+    if adopted and not kw and _is_partitioned(table):
+        _create_partitioned_index(name, table, columns)
+        return
     existing = {index["name"]: index for index in sa.inspect(op.get_bind()).get_indexes(table)}
     # A CREATE INDEX CONCURRENTLY that failed, in an earlier upgrade or by
     # hand, leaves an invalid index, which writes keep updating but the
@@ -73,6 +76,77 @@ def _create_index(name: str, table: str, columns: list[str], adopted: bool, **kw
         if invalid:
             op.drop_index(name, table_name=table)
         op.create_index(name, table, columns, **kw)
+
+
+def _is_partitioned(table: str) -> bool:
+    bind = op.get_bind()
+    if bind.dialect.name != "postgresql":
+        return False
+    kind = bind.execute(
+        sa.text("SELECT relkind FROM pg_class WHERE oid = to_regclass(:table)"), {"table": table}
+    ).scalar()
+    return kind == "p"
+
+
+_CHILD_INDEXES = sa.text(
+    """
+    SELECT format('%I.%I', n.nspname, c.relname) AS qualified_name, c.relkind AS kind,
+           format('%I', left(c.relname || :suffix, 63)) AS index_name,
+           format('%I.%I', n.nspname, left(c.relname || :suffix, 63)) AS qualified_index,
+           EXISTS (SELECT FROM pg_index AS x
+                   JOIN pg_inherits AS xi ON xi.inhrelid = x.indexrelid
+                   WHERE x.indrelid = c.oid AND xi.inhparent = to_regclass(:index)) AS attached
+    FROM pg_inherits AS i
+    JOIN pg_class AS c ON c.oid = i.inhrelid
+    JOIN pg_namespace AS n ON n.oid = c.relnamespace
+    WHERE i.inhparent = to_regclass(:table)
+    ORDER BY c.relname
+    """
+)
+
+
+def _create_partitioned_index(name: str, table: str, columns: list[str]) -> None:
+    """Build an index on a partitioned table while the application keeps writing.
+
+    CREATE INDEX CONCURRENTLY is not allowed on a partitioned table, and a
+    plain CREATE INDEX on it blocks writes to every partition while it
+    builds. Instead the index is created ON ONLY the partitioned table,
+    which is instant and leaves it invalid. Each partition then gets its own
+    index, built CONCURRENTLY and attached; the parent index turns valid
+    when the last partition's index is attached. A rerun after a failure
+    goes on with the partitions that have no attached index yet.
+    """
+    bind = op.get_bind()
+    column_list = ", ".join(f'"{column}"' for column in columns)
+    # PostgreSQL's own naming scheme for a partition's index: table_columns_idx.
+    suffix = f"_{'_'.join(columns)}_idx"
+    with op.get_context().autocommit_block():
+        _create_index_tree(bind, f'"{name}"', f'"{name}"', f'"{table}"', column_list, suffix)
+
+
+def _create_index_tree(bind, name: str, index: str, table: str, column_list: str,
+                       suffix: str) -> None:
+    # CREATE INDEX takes the bare name and puts the index in the table's schema.
+    bind.execute(sa.text(f"CREATE INDEX IF NOT EXISTS {name} ON ONLY {table} ({column_list})"))
+    children = bind.execute(
+        _CHILD_INDEXES, {"index": index, "table": table, "suffix": suffix}
+    ).all()
+    for child in children:
+        if child.attached:
+            continue
+        if child.kind == "p":
+            _create_index_tree(bind, child.index_name, child.qualified_index,
+                               child.qualified_name, column_list, suffix)
+        else:
+            invalid = bind.execute(
+                sa.text("SELECT NOT indisvalid FROM pg_index "
+                        "WHERE indexrelid = to_regclass(:index)"), {"index": child.qualified_index}
+            ).scalar()
+            if invalid:
+                bind.execute(sa.text(f"DROP INDEX CONCURRENTLY {child.qualified_index}"))
+            bind.execute(sa.text(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {child.index_name} "
+                                 f"ON {child.qualified_name} ({column_list})"))
+        bind.execute(sa.text(f"ALTER INDEX {index} ATTACH PARTITION {child.qualified_index}"))
 
 
 def _adopt_expired_rows() -> None:

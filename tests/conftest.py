@@ -242,6 +242,8 @@ _empty_database_numbers = itertools.count(1)
 def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The URL of a database with no tables: a new SQLite file or PostgreSQL database."""
     if request.param == "sqlite":
+        # A file of 0 bytes is an empty SQLite database.
+        (tmp_path / "empty.db").touch()
         yield f"sqlite:///{tmp_path / 'empty.db'}"
         return
     request.getfixturevalue("postgres_url")  # skips or fails when unreachable

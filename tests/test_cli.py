@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -14,6 +15,7 @@ from tests.conftest import T0, Database
 from voucher_jobs.data import migrate
 from voucher_jobs.data.engine import create_db_engine
 from voucher_jobs.data.schema import runs, voucher_audit_logs, vouchers
+from voucher_jobs.jobs import JOBS
 
 # Option checks happen before the first connection, so tests that are not
 # about the database run on SQLite only.
@@ -86,7 +88,7 @@ def test_at_with_offset_accepted(db: Database, cli) -> None:
     result = cli("run", "voucher-expired", "--at", "2026-12-04T11:00:00+01:00",
                  env={"DATABASE_URL": db.url})
     assert result.exit_code == 0, result.stderr
-    assert "wrote 1 EXPIRED rows" in result.stdout
+    assert "wrote 1 EXPIRED row in" in result.stdout
 
 
 @sqlite_only
@@ -177,6 +179,28 @@ def test_run_json_output_parses(db: Database, cli) -> None:
     assert record["result"]["dry_run"] is False
 
 
+@pytest.mark.parametrize(("target", "env_target", "batches"), [
+    # Fixed batches of 5 rows: 60 vouchers take 12 batches.
+    (["--batch-target-ms", "0"], None, 12),
+    (None, "0", 12),
+    # A target far above what these batches take: 5, 10, 20, then the last 25.
+    (["--batch-target-ms", "10000"], "0", 4),
+    (None, "10000", 4),
+])
+def test_batch_target_option_and_setting(db: Database, cli, target, env_target, batches) -> None:
+    for _ in range(60):
+        db.add_voucher(T0 - timedelta(days=1))
+    env = {"DATABASE_URL": db.url}
+    if env_target is not None:
+        env["VOUCHER_JOBS_BATCH_TARGET_MS"] = env_target
+    result = cli("run", "voucher-expired", "--at", "2026-12-04T10:00:00Z", "--json",
+                 "--batch-size", "5", *(target or []), env=env)
+    assert result.exit_code == 0, result.stderr
+    details = json.loads(result.stdout)["result"]
+    assert details["written"] == 60
+    assert details["batches"] == batches
+
+
 def test_runs_json_matches_ledger(db: Database, cli) -> None:
     env = {"DATABASE_URL": db.url}
     assert cli("run", "voucher-expired", env=env).exit_code == 0
@@ -251,18 +275,21 @@ def _counts(engine) -> dict[str, int]:
         }
 
 
-def _fail_archival(db: Database, cli, *verbose: str):
-    # archive-file mode cannot create its folder below a regular file, so the
-    # job raises NotADirectoryError once it has rows to write.
+def _fail_archival(db: Database, cli, monkeypatch: pytest.MonkeyPatch, *verbose: str):
+    # `run` rejects an archive folder it cannot create before the run starts,
+    # so the job itself raises the error that such a folder gives mid-run.
+    def failing_job(engine, parameters, context):
+        raise NotADirectoryError(20, "Not a directory", str(parameters.archive_dir))
+
+    monkeypatch.setitem(JOBS, "audit-archival", failing_job)
     old = datetime.now(timezone.utc) - timedelta(days=1000)
     db.add_audit_rows([old, old + timedelta(seconds=1)])
-    (db.workdir / "not-a-folder").write_text("", encoding="utf-8")
     return cli(*verbose, "run", "audit-archival", "--mode", "archive-file",
-               "--archive-dir", "not-a-folder/archive", env={"DATABASE_URL": db.url})
+               "--archive-dir", "archive", env={"DATABASE_URL": db.url})
 
 
-def test_failing_run_reports_cause(db: Database, cli) -> None:
-    result = _fail_archival(db, cli)
+def test_failing_run_reports_cause(db: Database, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = _fail_archival(db, cli, monkeypatch)
     assert result.exit_code == 1, result.stderr
     assert "caused by NotADirectoryError" in result.stderr
     assert "Run again with -v for the traceback." in result.stderr
@@ -274,8 +301,19 @@ def test_failing_run_reports_cause(db: Database, cli) -> None:
 
 
 @sqlite_only
-def test_failing_run_verbose_traceback(db: Database, cli) -> None:
-    result = _fail_archival(db, cli, "-v")
+def test_failing_run_verbose_traceback(db: Database, cli,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    result = _fail_archival(db, cli, monkeypatch, "-v")
     assert result.exit_code == 1, result.stderr
     assert "Traceback (most recent call last)" in result.stderr
     assert "NotADirectoryError" in result.stderr
+
+
+@pytest.mark.parametrize("arguments", [["runs"], ["run", "voucher-expired"], ["db", "current"]])
+def test_missing_sqlite_file_is_not_created(tmp_path: Path, cli, arguments: list[str]) -> None:
+    database = tmp_path / "absent.db"
+    result = cli(*arguments, env={"DATABASE_URL": f"sqlite:///{database}"})
+    assert result.exit_code == 4, result.stderr
+    assert f"the SQLite file {database} does not exist" in result.stderr
+    assert "voucher-jobs db upgrade" in result.stderr
+    assert not database.exists()

@@ -57,7 +57,7 @@ def test_success_pings_start_then_success(db: Database, monitor: Monitor) -> Non
         f"/ping/{HEARTBEAT_SECRET}",
     ]
     assert f"run {run.id} started" in requests[0].body
-    assert f"run {run.id} succeeded: 1 rows" in requests[1].body
+    assert f"run {run.id} succeeded: 1 row" in requests[1].body
 
 
 def test_failure_pings_start_then_fail(db: Database, monitor: Monitor,

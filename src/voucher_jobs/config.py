@@ -58,7 +58,17 @@ class Settings(BaseSettings):
         description="Audit rows older than this many days are archived.",
     )
     batch_size: int = Field(
-        default=1000, ge=1, le=100_000, description="Rows per transaction."
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Rows of the first batch; of every batch when the batch target is 0.",
+    )
+    batch_target_ms: int = Field(
+        default=50,
+        ge=0,
+        le=10_000,
+        description="Milliseconds a batch should take; batches grow or shrink to match. "
+        "0 keeps every batch at the batch size.",
     )
     archive_mode: ArchiveMode = Field(
         default=ArchiveMode.DELETE,
@@ -81,6 +91,14 @@ class Settings(BaseSettings):
         gt=0.0,
         le=600.0,
         description="How long one statement waits for a row lock before failing.",
+    )
+    partition_lock_timeout_seconds: float = Field(
+        default=2.0,
+        gt=0.0,
+        le=600.0,
+        description="How long retiring a whole audit partition waits for its table locks "
+        "before it leaves the partition to the batches. The application's queries on "
+        "voucher_audit_logs queue behind that wait.",
     )
 
     # Schedules. The cron expressions are checked by voucher_jobs.scheduler.cron
@@ -144,12 +162,22 @@ class Settings(BaseSettings):
     def _archive_mode_any_case(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("archive_dir")
+    @field_validator("archive_dir", mode="before")
     @classmethod
-    def _archive_dir_not_blank(cls, value: Path) -> Path:
-        if not str(value).strip():
+    def _archive_dir_not_blank(cls, value: Any) -> Any:
+        # Checked before the conversion, which turns "" into Path("."), the
+        # working directory.
+        if isinstance(value, str) and not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @field_validator("api_host")
+    @classmethod
+    def _api_host_not_blank(cls, value: str) -> str:
+        # uvicorn would bind an empty host on every interface.
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
 
 
 # Environment variable names by field, as users type them, for error messages
@@ -158,6 +186,7 @@ ENV_NAMES: dict[str, str] = {
     "database_url": "DATABASE_URL",
     "retention_days": "VOUCHER_AUDIT_RETENTION_DAYS",
     "batch_size": f"{ENV_PREFIX}BATCH_SIZE",
+    "batch_target_ms": f"{ENV_PREFIX}BATCH_TARGET_MS",
     "archive_mode": f"{ENV_PREFIX}ARCHIVE_MODE",
     "archive_dir": f"{ENV_PREFIX}ARCHIVE_DIR",
     "archive_file_rows": f"{ENV_PREFIX}ARCHIVE_FILE_ROWS",
@@ -217,10 +246,13 @@ def _hint(field: str) -> str:
     hints = {
         "retention_days": "Set it to a whole number of days from 1 to 36500.",
         "batch_size": "Set it to a whole number of rows from 1 to 100000.",
+        "batch_target_ms": "Set it to a whole number of milliseconds from 0 (fixed batches) "
+        "to 10000.",
         "archive_mode": "Use one of: delete, archive-table, archive-file.",
         "archive_file_rows": "Set it to a whole number from 1 to 10000000.",
         "batch_pause_seconds": "Set it to a number of seconds from 0 to 3600.",
         "lock_timeout_seconds": "Set it to a number of seconds above 0, at most 600.",
+        "partition_lock_timeout_seconds": "Set it to a number of seconds above 0, at most 600.",
         "database_url": "Use a URL such as sqlite:///voucher-jobs.db or "
         "postgresql://user:password@localhost:5432/shop.",
         "archive_dir": "Set it to a folder path.",
@@ -237,5 +269,6 @@ def _hint(field: str) -> str:
         "audit_archival_enabled": "Use true or false.",
         "api_allow_unauthenticated": "Use true or false.",
         "api_port": "Set it to a TCP port number from 1 to 65535.",
+        "api_host": "Set it to the address to bind, such as 127.0.0.1.",
     }
     return hints.get(field, "Run `voucher-jobs config --help` and see docs/configuration.md.")

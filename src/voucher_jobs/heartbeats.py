@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from voucher_jobs import __version__
-from voucher_jobs.config import Settings
+from voucher_jobs.config import ENV_NAMES, ConfigError, Settings
 from voucher_jobs.data import ledger
 from voucher_jobs.logs import log_event
 from voucher_jobs.runner import Listener
@@ -49,16 +49,43 @@ for _name in ("httpx", "httpcore"):
         logging.getLogger(_name).setLevel(logging.WARNING)
 
 
+INVALID_URL_REASON = "the URL must start with http:// or https:// and name a host"
+
+
+def _usable(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # such as an unclosed IPv6 bracket
+        return False
+
+
+def check_heartbeat_urls(settings: Settings) -> None:
+    """Raise ConfigError for a heartbeat URL that is set but that no ping could use.
+
+    The message names the variable but hides the value, which usually
+    contains the monitor's secret.
+    """
+    for field, variable in ENV_NAMES.items():
+        url = getattr(settings, field) if field.endswith("_heartbeat_url") else None
+        if url is None or not url.strip() or _usable(url.strip()):
+            continue
+        raise ConfigError(
+            f"{variable}=(masked) is invalid: {INVALID_URL_REASON}. Set it to the "
+            "http:// or https:// URL that the monitor gives for this job, or leave it "
+            "empty to send no heartbeats."
+        )
+
+
 def heartbeat_listeners(job: str, settings: Settings) -> tuple[Listener, ...]:
     """Return the listeners that ping job's heartbeat URL, or () when none is set."""
     url = getattr(settings, f"{job.replace('-', '_')}_heartbeat_url", None)
     if url is None or not url.strip():
         return ()
     url = url.strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if not _usable(url):
         log_event(logger, "heartbeat_url_invalid", logging.ERROR, job=job,
-                  reason="the URL must start with http:// or https:// and name a host")
+                  reason=INVALID_URL_REASON)
         return ()
     return (HeartbeatListener(job, url, timeout=TIMEOUT_SECONDS,
                               retry_delays=RETRY_DELAYS_SECONDS),)
@@ -144,6 +171,7 @@ def _summary(event: str, run: ledger.RunRow) -> str:
     if event == "start":
         return f"{run.job} run {run.id} started (trigger {run.trigger}) on {run.host}"
     if event == "success":
-        return f"{run.job} run {run.id} succeeded: {run.rows_affected} rows"
+        rows = "1 row" if run.rows_affected == 1 else f"{run.rows_affected} rows"
+        return f"{run.job} run {run.id} succeeded: {rows}"
     error = run.error or "unknown error"
     return f"{run.job} run {run.id} failed: {error}"[:MAX_BODY_CHARS]

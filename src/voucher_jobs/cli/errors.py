@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import sqlite3
 import sys
 import traceback
 
@@ -14,6 +15,10 @@ from voucher_jobs.config import ConfigError
 from voucher_jobs.data.engine import DatabaseURLError
 from voucher_jobs.data.migrate import SchemaNotReady
 from voucher_jobs.runner import RunFailed, RunRefused
+
+
+# The start of SQLite's messages for a file or folder it may not open or write.
+SQLITE_ACCESS_ERRORS = ("unable to open database file", "attempt to write a readonly database")
 
 
 class ExitCode(enum.IntEnum):
@@ -57,10 +62,28 @@ def classify(exc: BaseException) -> tuple[str, ExitCode, list[str]]:
         return str(exc), ExitCode.DATABASE_UNAVAILABLE, []
     if isinstance(exc, RunFailed):
         return str(exc), ExitCode.RUN_FAILED, _causes(exc)
-    if isinstance(exc, OperationalError):
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+    if isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) == "42501":
+        # PostgreSQL's insufficient_privilege, such as a role that may only read.
         return (
-            f"cannot reach the database: {reason}. Check DATABASE_URL and that the "
+            f"the database user lacks a privilege: {_reason(exc)}. GRANT it SELECT, "
+            "INSERT, UPDATE and DELETE on the voucher tables and the voucher_jobs_* "
+            "tables, or set DATABASE_URL to a user that has them.",
+            ExitCode.DATABASE_UNAVAILABLE,
+            [],
+        )
+    if isinstance(exc, OperationalError) and isinstance(exc.orig, sqlite3.Error) and (
+        _reason(exc).startswith(SQLITE_ACCESS_ERRORS)
+    ):
+        return (
+            f"cannot open the SQLite database: {_reason(exc)}. Check DATABASE_URL, and "
+            "that the file and its folder exist and are writable: SQLite writes its "
+            "-wal and -shm files beside the database file.",
+            ExitCode.DATABASE_UNAVAILABLE,
+            [],
+        )
+    if isinstance(exc, OperationalError):
+        return (
+            f"cannot reach the database: {_reason(exc)}. Check DATABASE_URL and that the "
             "database server is running and accepts connections.",
             ExitCode.DATABASE_UNAVAILABLE,
             [],
@@ -69,6 +92,10 @@ def classify(exc: BaseException) -> tuple[str, ExitCode, list[str]]:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         return f"database error: {reason}", ExitCode.RUN_FAILED, []
     return f"{type(exc).__name__}: {exc}", ExitCode.RUN_FAILED, _causes(exc)
+
+
+def _reason(exc: DBAPIError) -> str:
+    return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
 
 
 def report(exc: BaseException, verbose: bool) -> ExitCode:

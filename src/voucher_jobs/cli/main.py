@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.exc import OperationalError
 
 from voucher_jobs import logs
-from voucher_jobs.cli.errors import CliError, ExitCode, report
+from voucher_jobs.cli.errors import CliError, ExitCode, classify, report
 from voucher_jobs.cli.progress import progress_reporter
 from voucher_jobs.config import ENV_NAMES, SECRET_FIELDS, ArchiveMode, Settings, load_settings
 from voucher_jobs.data import ledger, migrate
 from voucher_jobs.data.clock import FutureReferenceTime, check_reference_time, database_now
 from voucher_jobs.data.engine import engine_from_settings, mask_url
+from voucher_jobs.heartbeats import check_heartbeat_urls
 from voucher_jobs.jobs import audit_archival, voucher_expired
 from voucher_jobs.jobs.base import BatchLimits
-from voucher_jobs.job_settings import run_options
+from voucher_jobs.job_settings import batch_limits, run_options
 from voucher_jobs.runner import execute
 
 EXIT_CODES = (
@@ -79,7 +84,9 @@ def main_options(
 
 
 def _settings() -> Settings:
-    return load_settings()
+    settings = load_settings()
+    check_heartbeat_urls(settings)
+    return settings
 
 
 def _engine(settings: Settings):
@@ -87,8 +94,30 @@ def _engine(settings: Settings):
 
 
 def _ready_engine(settings: Settings):
+    engine = _existing_engine(settings)
+    try:
+        migrate.require_current(engine)
+    except OperationalError as exc:
+        # SQLite's message names no file, so the error names the database.
+        message, code, _ = classify(exc)
+        raise CliError(f"{mask_url(engine.url)}: {message}", code) from exc
+    return engine
+
+
+def _existing_engine(settings: Settings):
+    """The engine of a database that must exist already: a missing SQLite file is an error."""
     engine = _engine(settings)
-    migrate.require_current(engine)
+    database = engine.url.database
+    if (engine.dialect.name == "sqlite" and database and database != ":memory:"
+            and not database.startswith("file:") and not Path(database).exists()):
+        # Connecting would create an empty file, which then looks like a
+        # database that was never migrated.
+        raise CliError(
+            f"{mask_url(engine.url)}: the SQLite file {database} does not exist. "
+            "Run `voucher-jobs db upgrade` to create it, or point DATABASE_URL at "
+            "the database of the backend.",
+            ExitCode.DATABASE_UNAVAILABLE,
+        )
     return engine
 
 
@@ -121,7 +150,13 @@ DryRunOption = Annotated[bool, typer.Option(
     "--dry-run", help="Report what would be written or removed; write nothing.")]
 BatchOption = Annotated[Optional[int], typer.Option(
     "--batch-size", min=1, max=100_000,
-    help="Rows per transaction.", show_default="$VOUCHER_JOBS_BATCH_SIZE or 1000")]
+    help="Rows of the first batch; later batches follow --batch-target-ms.",
+    show_default="$VOUCHER_JOBS_BATCH_SIZE or 1000")]
+BatchTargetOption = Annotated[Optional[int], typer.Option(
+    "--batch-target-ms", min=0, max=10_000, metavar="MS",
+    help="Grow or shrink batches so each takes about this long (at most 100000 rows); "
+    "0 keeps every batch at --batch-size rows.",
+    show_default="$VOUCHER_JOBS_BATCH_TARGET_MS or 50")]
 MaxBatchesOption = Annotated[Optional[int], typer.Option(
     "--max-batches", min=1, help="Stop after this many batches; the next run goes on.")]
 MaxSecondsOption = Annotated[Optional[float], typer.Option(
@@ -133,13 +168,13 @@ PauseOption = Annotated[Optional[float], typer.Option(
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the run record as JSON.")]
 
 
-def _limits(settings: Settings, batch_size, max_batches, max_seconds, pause) -> BatchLimits:
-    return BatchLimits(
-        batch_size=batch_size or settings.batch_size,
-        max_batches=max_batches,
-        max_seconds=max_seconds,
-        pause_seconds=settings.batch_pause_seconds if pause is None else pause,
-    )
+def _limits(settings: Settings, batch_size, target_ms, max_batches, max_seconds, pause
+            ) -> BatchLimits:
+    limits = batch_limits(settings, batch_size=batch_size, max_batches=max_batches,
+                          max_seconds=max_seconds, pause_seconds=pause)
+    if target_ms is not None:
+        limits = dataclasses.replace(limits, target_seconds=target_ms / 1000 or None)
+    return limits
 
 
 @run_app.command("voucher-expired", epilog=EXPIRED_EPILOG)
@@ -147,6 +182,7 @@ def run_voucher_expired(
     dry_run: DryRunOption = False,
     at: AtOption = None,
     batch_size: BatchOption = None,
+    batch_target_ms: BatchTargetOption = None,
     max_batches: MaxBatchesOption = None,
     max_seconds: MaxSecondsOption = None,
     pause: PauseOption = None,
@@ -161,7 +197,7 @@ def run_voucher_expired(
     parameters = voucher_expired.ExpiryParameters(
         reference_time=parse_time(at, "--at"),
         dry_run=dry_run,
-        limits=_limits(settings, batch_size, max_batches, max_seconds, pause),
+        limits=_limits(settings, batch_size, batch_target_ms, max_batches, max_seconds, pause),
     )
     _run(settings, voucher_expired.NAME, parameters, as_json)
 
@@ -183,6 +219,7 @@ def run_audit_archival(
     dry_run: DryRunOption = False,
     at: AtOption = None,
     batch_size: BatchOption = None,
+    batch_target_ms: BatchTargetOption = None,
     max_batches: MaxBatchesOption = None,
     max_seconds: MaxSecondsOption = None,
     pause: PauseOption = None,
@@ -199,11 +236,39 @@ def run_audit_archival(
         mode=mode or settings.archive_mode,
         reference_time=parse_time(at, "--at"),
         dry_run=dry_run,
-        limits=_limits(settings, batch_size, max_batches, max_seconds, pause),
+        limits=_limits(settings, batch_size, batch_target_ms, max_batches, max_seconds, pause),
         archive_dir=archive_dir or settings.archive_dir,
         archive_file_rows=settings.archive_file_rows,
+        partition_lock_timeout_seconds=settings.partition_lock_timeout_seconds,
     )
+    if parameters.reference_time is not None:
+        try:
+            audit_archival.compute_cutoff(parameters.reference_time, parameters.retention_days)
+        except ValueError as exc:
+            raise CliError(f"--at: {exc}", ExitCode.INVALID_INPUT) from None
+    if parameters.mode is ArchiveMode.ARCHIVE_FILE:
+        source = "--archive-dir" if archive_dir else ENV_NAMES["archive_dir"]
+        _check_archive_dir(parameters.archive_dir, source)
     _run(settings, audit_archival.NAME, parameters, as_json)
+
+
+def _check_archive_dir(directory: Path, source: str) -> None:
+    """Raise CliError unless archive files can be written in directory.
+
+    A folder that does not exist passes when its nearest existing parent is
+    a writable folder, because the first export creates it.
+    """
+    existing = directory.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    else:
+        return
+    raise CliError(f"{source} {str(directory)!r} cannot hold archive files: {problem}. "
+                   "Set it to a writable folder.", ExitCode.INVALID_INPUT)
 
 
 def _run(settings: Settings, job: str, parameters, as_json: bool) -> None:
@@ -227,23 +292,38 @@ def _run(settings: Settings, job: str, parameters, as_json: bool) -> None:
         raise typer.Exit(ExitCode.INTERRUPTED)
 
 
+def _count(number: int, noun: str) -> str:
+    """`1 row`, `2 rows`: a count with its noun in the right number."""
+    return f"{number:,} {noun}" if number == 1 else f"{number:,} {noun}s"
+
+
 def _summary(run: ledger.RunRow, dry_run: bool) -> str:
     details = run.result or {}
     seconds = details.get("seconds", 0)
     if run.job == voucher_expired.NAME:
         if dry_run:
-            return (f"{run.job}: dry run {run.id}: {details.get('would_write', 0):,} vouchers "
+            return (f"{run.job}: dry run {run.id}: {_count(details.get('would_write', 0), 'voucher')} "
                     f"would get an EXPIRED row (reference time {details.get('reference_time')})")
-        return (f"{run.job}: run {run.id} {run.status}: wrote {run.rows_affected:,} EXPIRED "
-                f"rows in {seconds:.2f} s (reference time {details.get('reference_time')})")
+        return (f"{run.job}: run {run.id} {run.status}: wrote "
+                f"{_count(run.rows_affected, 'EXPIRED row')} in {seconds:.2f} s (reference time {details.get('reference_time')})")
     verb = {"delete": "deleted", "archive-table": "moved to voucher_jobs_audit_archive",
             "archive-file": "archived to files and deleted"}[details.get("mode", "delete")]
     if dry_run:
-        return (f"{run.job}: dry run {run.id}: {details.get('eligible_at_start', 0):,} rows older "
+        return (f"{run.job}: dry run {run.id}: {_count(details.get('eligible_at_start', 0), 'row')} older "
                 f"than the cutoff {details.get('cutoff')} (oldest {details.get('oldest_eligible')}, "
-                f"newest {details.get('newest_eligible')}); mode {details.get('mode')}")
-    return (f"{run.job}: run {run.id} {run.status}: {run.rows_affected:,} rows {verb} in "
-            f"{seconds:.2f} s (cutoff {details.get('cutoff')})")
+                f"newest {details.get('newest_eligible')}); mode {details.get('mode')}"
+                f"{_partitions_note(details.get('partitions_to_retire'), 'would be retired')}")
+    return (f"{run.job}: run {run.id} {run.status}: {_count(run.rows_affected, 'row')} {verb} in "
+            f"{seconds:.2f} s (cutoff {details.get('cutoff')})"
+            f"{_partitions_note(details.get('partitions_retired'), 'retired')}")
+
+
+def _partitions_note(partitions: list[dict] | None, verb: str) -> str:
+    """Name the whole partitions of voucher_audit_logs that a run retired or would retire."""
+    if not partitions:
+        return ""
+    listed = ", ".join(f"{entry['name']} ({entry['rows']:,} rows)" for entry in partitions)
+    return f"; {len(partitions)} whole partitions {verb}: {listed}"
 
 
 def _run_json(run: ledger.RunRow) -> dict:
@@ -322,7 +402,7 @@ def db_current(
 
     Reads the database at DATABASE_URL.
     """
-    engine = _engine(_settings())
+    engine = _existing_engine(_settings())
     stdout.print(f"database: {migrate.current_revision(engine) or 'none'}; "
                  f"this version: {migrate.head_revision()}", markup=False)
     if check:
@@ -355,9 +435,11 @@ def _shown_value(name: str, value: object) -> str:
     if name == "database_url":
         return mask_url(str(value))
     if name.endswith("heartbeat_url"):
-        # Monitoring URLs usually carry their secret in the path.
+        # Monitoring URLs usually carry their secret in the path, and may
+        # carry a user and password before the host.
         scheme, _, rest = str(value).partition("://")
-        return f"{scheme}://{rest.split('/')[0]}/(path hidden)"
+        host = rest.split("/")[0].rpartition("@")[2]
+        return f"{scheme}://{host}/(path hidden)"
     if isinstance(value, ArchiveMode):
         return value.value
     return str(value)
@@ -381,6 +463,7 @@ def main() -> None:
         # A usage error, such as an unknown option or an invalid option value.
         # Typer 0.29 raises its own copy of click's exceptions, which subclass
         # TyperException, so click.ClickException does not catch them.
+        _name_rejected_value(exc)
         show = getattr(exc, "show", None)
         if show is not None:
             show()
@@ -390,3 +473,21 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - the top level reports every error
         sys.exit(report(exc, verbose=State.verbose > 0))
     sys.exit(exit_code if isinstance(exit_code, int) else ExitCode.OK)
+
+
+def _name_rejected_value(exc: typer.TyperException) -> None:
+    """Put the rejected value into Typer's message for an invalid option value.
+
+    Typer checks option values with pydantic and shows only its reason, such
+    as "Input should be greater than or equal to 1".
+    """
+    cause = exc.__cause__
+    message = getattr(exc, "message", None)
+    if not isinstance(cause, ValidationError) or not isinstance(message, str):
+        return
+    errors = cause.errors()
+    if not errors or "input" not in errors[0]:
+        return
+    value = repr(errors[0]["input"])
+    if value not in message:
+        exc.message = f"{value}. {message}"

@@ -8,10 +8,11 @@ parameters that only that ORM understands are dropped.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -29,6 +30,12 @@ _ORM_ONLY_PARAMETERS = {
 }
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Execution option that marks a connection whose transactions only read
+# (see connect_for_reads).
+READ_ONLY_OPTION = "voucher_jobs_read_only"
+# libpq also takes the password, and the client key's passphrase, as query
+# parameters, which SQLAlchemy's hide_password leaves in place.
+_QUERY_SECRET = re.compile(r"(?i)\b((?:ssl)?password=)[^&#]*")
 
 
 class DatabaseURLError(ValueError):
@@ -36,12 +43,12 @@ class DatabaseURLError(ValueError):
 
 
 def mask_url(url: str | URL) -> str:
-    """Render a URL with its password replaced by ***."""
+    """Render a URL with its password, in the user part or the query, replaced by ***."""
     try:
         parsed = url if isinstance(url, URL) else make_url(url)
     except (ArgumentError, ValueError):
-        return _mask_unparsable(str(url))
-    return parsed.render_as_string(hide_password=True)
+        return _QUERY_SECRET.sub(r"\1***", _mask_unparsable(str(url)))
+    return _QUERY_SECRET.sub(r"\1***", parsed.render_as_string(hide_password=True))
 
 
 def _mask_unparsable(raw: str) -> str:
@@ -78,6 +85,13 @@ def normalize_url(raw: str) -> tuple[URL, dict[str, Any]]:
             raise DatabaseURLError(
                 f"DATABASE_URL driver {url.drivername!r} is not supported. "
                 "Use sqlite:///PATH."
+            )
+        if url.query.get("uri"):
+            # The job lock is a file named after the database path, which a
+            # URI filename such as file:jobs.db?mode=ro does not give.
+            raise DatabaseURLError(
+                f"DATABASE_URL {mask_url(url)!r} uses uri=true, an SQLite URI filename, "
+                "which is not supported. Use sqlite:///PATH."
             )
         return url.set(drivername="sqlite+pysqlite"), {}
     raise DatabaseURLError(
@@ -161,6 +175,11 @@ def _create_sqlite_engine(url: URL, **engine_options: Any) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
+        if connection.get_execution_options().get(READ_ONLY_OPTION):
+            # In WAL mode a deferred transaction that only reads takes no
+            # write lock, so it neither waits for writers nor blocks them.
+            connection.exec_driver_sql("BEGIN")
+            return
         # BEGIN IMMEDIATE takes the write lock up front. A deferred
         # transaction that reads and then writes can fail with "database is
         # locked" at once when another writer went first; an immediate one
@@ -168,6 +187,18 @@ def _create_sqlite_engine(url: URL, **engine_options: Any) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def connect_for_reads(engine: Engine) -> Connection:
+    """Open a connection for transactions that only read.
+
+    On SQLite they begin deferred instead of IMMEDIATE. A long scan, such as
+    a job's count of its work at start, then holds no write lock, which the
+    application's writes would wait for (and fail after their busy timeout).
+    A write on this connection can fail with "database is locked" at once,
+    so use it only to read.
+    """
+    return engine.connect().execution_options(**{READ_ONLY_OPTION: True})
 
 
 def is_sqlite(engine: Engine) -> bool:

@@ -130,6 +130,42 @@ def test_post_future_reference_time_rejected(db: Database, client: TestClient) -
     assert db.count(runs) == 0
 
 
+def test_post_future_reference_time_lists_error(db: Database, client: TestClient) -> None:
+    response = client.post(f"/jobs/{JOB}/runs", json={"reference_time": "2099-01-01T00:00:00Z"},
+                           headers=AUTH)
+
+    assert response.status_code == 422
+    body = response.json()
+    assert body["message"].startswith("Invalid body field 'reference_time': ")
+    assert len(body["detail"]) == 1
+    assert body["detail"][0]["loc"] == ["body", "reference_time"]
+    assert "later than the database clock" in body["detail"][0]["msg"]
+    assert body["detail"][0]["type"] == "value_error"
+
+
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_post_reference_time_outside_utc_range(db: Database, client: TestClient,
+                                               moment: str) -> None:
+    response = client.post(f"/jobs/{JOB}/runs", json={"reference_time": moment}, headers=AUTH)
+
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert "between years 1 and 9999 in UTC" in body["message"]
+    assert body["detail"][0]["loc"] == ["body", "reference_time"]
+    assert run_count(db) == 0
+
+
+def test_post_body_not_utf8_returns_400(db: Database, client: TestClient) -> None:
+    response = client.post(f"/jobs/{JOB}/runs", content=b'{"dry_run": "\xff"}',
+                           headers={**AUTH, "Content-Type": "application/json"})
+    documented = client.get("/openapi.json").json()["paths"]["/jobs/{name}/runs"]["post"]
+
+    assert response.status_code == 400
+    assert isinstance(response.json()["detail"], str)
+    assert "400" in documented["responses"]
+    assert run_count(db) == 0
+
+
 def test_post_runs_job_in_background(db: Database, client: TestClient) -> None:
     add_expired_vouchers(db, 3)
     response = client.post(f"/jobs/{JOB}/runs", json={"reference_time": AT}, headers=AUTH)
@@ -274,6 +310,19 @@ def test_invalid_auth_returns_401(db: Database, client: TestClient, method: str,
     )
     assert basic.status_code == 401
     assert prefix.status_code == 401
+    assert run_count(db) == 0
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"dry_run": "\xff"}'])
+def test_token_checked_before_body(db: Database, client: TestClient, content: bytes) -> None:
+    headers = {"Content-Type": "application/json"}
+    missing = client.post(f"/jobs/{JOB}/runs", content=content, headers=headers)
+    wrong = client.post(f"/jobs/{JOB}/runs", content=content,
+                        headers={**headers, "Authorization": "Bearer wrong-token-123456"})
+
+    assert missing.status_code == 401, missing.text
+    assert "Missing bearer token" in missing.json()["detail"]
+    assert wrong.status_code == 401, wrong.text
     assert run_count(db) == 0
 
 
@@ -433,10 +482,20 @@ def test_get_missing_run_returns_404(db: Database, client: TestClient) -> None:
     zero = client.get("/runs/0", headers=AUTH)
 
     assert missing.status_code == 404
-    assert missing.json()["detail"] == "Run 4242 not found."
+    assert missing.json()["detail"].startswith("Run 4242 not found.")
     assert not_a_number.status_code == 422
     assert "path parameter 'run_id'" in not_a_number.json()["message"]
     assert zero.status_code == 422
+
+
+@pytest.mark.parametrize("path", [f"/runs/{2**63}", f"/runs?before_id={2**63}"])
+def test_run_id_above_bigint_returns_422(db: Database, client: TestClient, path: str) -> None:
+    response = client.get(path, headers=AUTH)
+    largest = client.get(f"/runs/{2**63 - 1}", headers=AUTH)
+
+    assert response.status_code == 422, response.text
+    assert "less than or equal to 9223372036854775807" in response.json()["message"]
+    assert largest.status_code == 404
 
 
 def make_runs(db: Database) -> list[int]:

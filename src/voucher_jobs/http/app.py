@@ -183,8 +183,21 @@ def _describe_location(location: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in location)
 
 
+def _value_clause(error: Any) -> str:
+    """Return " value <repr>" for a short scalar input, so the message names the value."""
+    value = error.get("input")
+    if error.get("type") == "json_invalid" or not isinstance(value, (str, int, float)):
+        return ""
+    text = repr(value)
+    return f" value {text}" if len(text) <= 80 else ""
+
+
 async def _validation_failed(request: Request, exc: Exception) -> JSONResponse:
-    """Return 422 with FastAPI's error list, without echoed input, and one readable message."""
+    """Return 422 with FastAPI's error list, without echoed input, and one readable message.
+
+    The message names the first invalid parameter or field and, when it is
+    short, the value.
+    """
     assert isinstance(exc, RequestValidationError)
     issues = [
         {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""),
@@ -195,7 +208,8 @@ async def _validation_failed(request: Request, exc: Exception) -> JSONResponse:
     reason = str(first.get("msg", "invalid")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         reason = f"{reason}: {first.get('ctx', {}).get('error', 'invalid JSON')}"
-    message = f"Invalid {_describe_location(tuple(first.get('loc', ())))}: {reason}."
+    location = _describe_location(tuple(first.get("loc", ())))
+    message = f"Invalid {location}{_value_clause(first)}: {reason}."
     return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
                         content={"message": message, "detail": issues})
 

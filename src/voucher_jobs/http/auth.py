@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, Response, status
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from voucher_jobs.config import ConfigError, Settings
@@ -89,4 +92,23 @@ def require_token(
     # compare_digest takes time independent of where the first difference is,
     # so the response time does not reveal how much of a guess was right.
     if not hmac.compare_digest(credentials.credentials.encode("utf-8"), expected):
-        raise _unauthorized("Invalid bearer token.", error="invalid_token")
+        raise _unauthorized("Invalid bearer token. Send the token set in "
+                            "VOUCHER_JOBS_API_TOKEN.", error="invalid_token")
+
+
+class TokenCheckedRoute(APIRoute):
+    """An APIRoute that checks the bearer token before FastAPI reads the request body.
+
+    FastAPI parses a JSON body before it runs dependencies, so without this
+    check a request without a valid token but with a malformed body would get
+    400 or 422 instead of 401.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def check_token_first(request: Request) -> Response:
+            require_token(request, await bearer_scheme(request))
+            return await handler(request)
+
+        return check_token_first

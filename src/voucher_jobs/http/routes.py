@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from voucher_jobs.data.clock import FutureReferenceTime, check_reference_time, database_now
 from voucher_jobs.data import ledger
-from voucher_jobs.http.auth import require_token
+from voucher_jobs.http.auth import TokenCheckedRoute, require_token
 from voucher_jobs.http.job_status import job_status
 from voucher_jobs.http.schemas import (
     ErrorBody,
@@ -36,13 +36,16 @@ from voucher_jobs.http.schemas import (
     ValidationFailed,
 )
 from voucher_jobs.job_settings import build_parameters
-from voucher_jobs.jobs import JOBS
+from voucher_jobs.jobs import JOBS, audit_archival
 from voucher_jobs.logs import log_event
 from voucher_jobs.runner import RunRefused, start
 
 logger = logging.getLogger(__name__)
 
 MAX_PAGE_SIZE = 200
+# Run ids are BIGINT on PostgreSQL and 64-bit INTEGER on SQLite, so a larger
+# id would fail in the driver instead of finding no run.
+MAX_RUN_ID = 2**63 - 1
 
 # Query parameters accept only known values, so FastAPI lists them in the
 # OpenAPI schema and rejects others with 422.
@@ -53,7 +56,10 @@ UNAUTHORIZED = {401: {"model": ErrorBody, "description": "Missing or invalid bea
 INVALID = {422: {"model": ValidationFailed, "description": "Invalid parameter or body."}}
 UNAVAILABLE = {503: {"model": ErrorBody, "description": "The database is unreachable or busy."}}
 
-api = APIRouter(dependencies=[Depends(require_token)], responses={**UNAUTHORIZED, **UNAVAILABLE})
+# The dependency declares the token in the OpenAPI schema, and
+# TokenCheckedRoute checks it before FastAPI reads the body.
+api = APIRouter(route_class=TokenCheckedRoute, dependencies=[Depends(require_token)],
+                responses={**UNAUTHORIZED, **UNAVAILABLE})
 open_api = APIRouter()
 
 
@@ -71,11 +77,26 @@ def _unknown_job(job: str) -> JSONResponse:
     )
 
 
+def _invalid_reference_time(reason: str) -> JSONResponse:
+    """Return 422 for a reference time that the body model accepts but the run cannot use.
+
+    The body has the same fields as every other 422, which the OpenAPI schema documents.
+    """
+    return JSONResponse(
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        content={"message": f"Invalid body field 'reference_time': {reason}",
+                 "detail": [{"loc": ["body", "reference_time"], "msg": reason,
+                             "type": "value_error"}]},
+    )
+
+
 @api.post(
     "/jobs/{name}/runs",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=RunAccepted,
     responses={
+        400: {"model": ErrorBody, "description": "The body could not be read, such as JSON "
+              "that is not UTF-8."},
         404: {"model": UnknownJob, "description": "No job has this name."},
         409: {"model": RunConflict, "description": "Another run of the job is active."},
         413: {"model": ErrorBody, "description": "The body is larger than 16 KiB."},
@@ -103,10 +124,13 @@ def start_run(
             try:
                 check_reference_time(options.reference_time, database_now(connection))
             except FutureReferenceTime as exc:
-                return JSONResponse(
-                    status_code=422,
-                    content={"message": f"body field 'reference_time': {exc}"},
-                )
+                return _invalid_reference_time(str(exc))
+            if name == audit_archival.NAME:
+                try:
+                    audit_archival.compute_cutoff(options.reference_time,
+                                                  state.settings.retention_days)
+                except ValueError as exc:
+                    return _invalid_reference_time(str(exc))
     parameters = build_parameters(
         name, state.settings, dry_run=options.dry_run, reference_time=options.reference_time
     )
@@ -163,11 +187,13 @@ def get_job(request: Request, name: str) -> Job | JSONResponse:
     responses={404: {"model": ErrorBody, "description": "No run has this id."}, **INVALID},
     summary="Show one run",
 )
-def get_run(request: Request, run_id: Annotated[int, Path(ge=1)]) -> Run | JSONResponse:
+def get_run(request: Request,
+            run_id: Annotated[int, Path(ge=1, le=MAX_RUN_ID)]) -> Run | JSONResponse:
     row = ledger.get_run(request.app.state.engine, run_id)
     if row is None:
         return JSONResponse(status_code=status.HTTP_404_NOT_FOUND,
-                            content={"detail": f"Run {run_id} not found."})
+                            content={"detail": f"Run {run_id} not found. GET /runs lists "
+                                     "the recorded runs."})
     return Run.from_row(row, _prefix(request))
 
 
@@ -179,7 +205,8 @@ def list_runs(
                                             description="Only runs with this status.")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Runs per page.")] = 20,
     before_id: Annotated[int | None, Query(
-        ge=1, description="Only runs with a smaller id: the next link sets it.")] = None,
+        ge=1, le=MAX_RUN_ID,
+        description="Only runs with a smaller id: the next link sets it.")] = None,
 ) -> RunPage:
     """Page through the ledger by id, newest first; follow links.next for older runs."""
     rows = ledger.recent_runs(request.app.state.engine, job=job, status=status_,

@@ -5,7 +5,7 @@ The models also define the OpenAPI schema served at /openapi.json.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, field_validator
@@ -34,6 +34,18 @@ class RunRequest(BaseModel):
         # Only ISO 8601 text carries the UTC offset that the API requires.
         if value is not None and not isinstance(value, str):
             raise ValueError("must be an ISO 8601 string such as 2026-12-04T10:00:00Z")
+        return value
+
+    @field_validator("reference_time")
+    @classmethod
+    def _reference_time_has_utc_value(cls, value: datetime | None) -> datetime | None:
+        # Every run converts the time to UTC. An offset can move a time in
+        # year 1 or 9999 out of the range that datetime represents.
+        if value is not None:
+            try:
+                value.astimezone(timezone.utc)
+            except OverflowError:
+                raise ValueError("must be between years 1 and 9999 in UTC") from None
         return value
 
 

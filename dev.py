@@ -4,6 +4,7 @@
     python3 dev.py demo [ARGS]   run `voucher-jobs demo` on the embedded SQLite database
     python3 dev.py test [ARGS]   run the test suite (arguments go to pytest)
     python3 dev.py run ARGS      run any `voucher-jobs` command
+    python3 dev.py bench [ARGS]  run the benchmark suite and write docs/benchmarks.md
     python3 dev.py lock          regenerate requirements.lock (needs uv)
 
 Each command first makes sure that `.venv` exists and matches
@@ -64,12 +65,16 @@ def main(argv: list[str]) -> int:
             "--extra", "test", "--generate-hashes", "--python-version", "3.11",
             "--universal", "-o", str(LOCK),
         ], cwd=ROOT)
-    if command not in ("demo", "test", "run"):
-        print(f"unknown command {command!r}; use demo, test, run or lock", file=sys.stderr)
+    if command not in ("demo", "test", "run", "bench"):
+        print(f"unknown command {command!r}; use demo, test, run, bench or lock",
+              file=sys.stderr)
         return 2
     ensure_venv()
     if command == "test":
         return subprocess.call([str(BIN / "python"), "-m", "pytest", *arguments], cwd=ROOT)
+    if command == "bench":
+        return subprocess.call([str(BIN / "python"), "-m", "benchmarks.suite", *arguments],
+                               cwd=ROOT)
     program = [str(BIN / "voucher-jobs")]
     return subprocess.call(program + (["demo"] if command == "demo" else []) + arguments)
 

@@ -1,0 +1,208 @@
+"""The performance targets, each evaluated on the worst case the run measured."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from benchmarks.datasets import ArchivalCase, ExpiryCase
+from benchmarks.results import IDLE, JOB, RERUN, SEED, SINGLE, Measurement
+
+EXPIRY_VS_SINGLE_MAX = 1.2
+EXPIRY_VS_SEED_MIN = 100.0
+NOTHING_TO_DO_MAX_SECONDS = 1.0
+ARCHIVAL_VS_SINGLE_MIN = 0.9
+LONGEST_BATCH_MAX_MS = 200.0
+WRITER_P99_VS_IDLE_MAX = 1.2
+# 150 MB, in the MiB that the reports use.
+PEAK_RSS_MAX_MIB = 150e6 / 2**20
+# "Flat": the peak at the largest scale is at most this much above the peak
+# at the smallest one.
+PEAK_RSS_GROWTH_MAX = 1.10
+
+MET = "met"
+MISSED = "missed"
+NOT_MEASURED = "not measured"
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    """One target: its limit, the worst figure measured, where, and whether it was met."""
+
+    name: str
+    limit: str
+    worst: str
+    where: str
+    status: str
+
+
+class _Index:
+    """Measurements looked up by backend, data set, method and mode."""
+
+    def __init__(self, measurements: list[Measurement]) -> None:
+        self.measurements = measurements
+        self._by_key = {(m.backend, m.case, m.method, m.mode): m for m in measurements}
+
+    def get(self, measurement: Measurement, method: str) -> Measurement | None:
+        return self._by_key.get((measurement.backend, measurement.case, method, measurement.mode))
+
+    def idle(self, measurement: Measurement) -> Measurement | None:
+        return self._by_key.get((measurement.backend, measurement.case, IDLE, None))
+
+    def select(self, predicate: Callable[[Measurement], bool]) -> list[Measurement]:
+        return [m for m in self.measurements if predicate(m)]
+
+
+def evaluate(measurements: list[Measurement]) -> list[TargetResult]:
+    """Evaluate every target on the measurements of one run."""
+    index = _Index(measurements)
+    largest_vouchers = max(
+        (m.case.vouchers for m in measurements if isinstance(m.case, ExpiryCase)), default=None)
+    at_scale = f" at {largest_vouchers:,} vouchers" if largest_vouchers else ""
+
+    def expiry_jobs(logged: int, method: str = JOB) -> list[Measurement]:
+        return index.select(lambda m: isinstance(m.case, ExpiryCase) and m.method == method
+                            and m.case.vouchers == largest_vouchers
+                            and m.case.logged_percent == logged)
+
+    archival_jobs = index.select(lambda m: isinstance(m.case, ArchivalCase) and m.method == JOB)
+    # With the writer turned off (--writer-rate 0) its targets are not measured.
+    writer_ran = any(m.writer is not None for m in measurements)
+    all_jobs = index.select(lambda m: m.method in (JOB, RERUN))
+    return [
+        _worst(
+            f"voucher-expired time ÷ single statement{at_scale}",
+            f"≤ {EXPIRY_VS_SINGLE_MAX}x",
+            [(m, index.get(m, SINGLE)) for m in expiry_jobs(0)],
+            lambda job, single: job.seconds / single.seconds,
+            lambda value: value <= EXPIRY_VS_SINGLE_MAX, higher_is_worse=True,
+            show=lambda value: f"{value:.2f}x",
+        ),
+        _worst(
+            f"seed algorithm time ÷ voucher-expired time{at_scale}",
+            f"≥ {EXPIRY_VS_SEED_MIN:.0f}x",
+            [(m, index.get(m, SEED)) for m in expiry_jobs(0)],
+            lambda job, seed: seed.seconds / job.seconds,
+            lambda value: value >= EXPIRY_VS_SEED_MIN, higher_is_worse=False,
+            show=lambda value: f"{value:,.0f}x",
+        ),
+        _worst(
+            f"voucher-expired with nothing to do{at_scale}, also right after the first run",
+            f"< {NOTHING_TO_DO_MAX_SECONDS:.0f} s (the run's own time)",
+            [(m, m) for m in expiry_jobs(100) + expiry_jobs(0, RERUN)],
+            lambda job, _: job.seconds,
+            lambda value: value < NOTHING_TO_DO_MAX_SECONDS, higher_is_worse=True,
+            show=lambda value: f"{value:.3f} s",
+        ),
+        _worst(
+            "audit-archival rows/s ÷ single statement rows/s, every mode",
+            f"≥ {ARCHIVAL_VS_SINGLE_MIN}x",
+            [(m, index.get(m, SINGLE)) for m in archival_jobs],
+            lambda job, single: job.rows_per_second / single.rows_per_second,
+            lambda value: value >= ARCHIVAL_VS_SINGLE_MIN, higher_is_worse=False,
+            show=lambda value: f"{value:.2f}x",
+        ),
+        _worst(
+            "audit-archival longest batch",
+            f"≤ {LONGEST_BATCH_MAX_MS:.0f} ms",
+            [(m, m) for m in archival_jobs],
+            lambda job, _: job.longest_batch_ms,
+            lambda value: value <= LONGEST_BATCH_MAX_MS, higher_is_worse=True,
+            show=lambda value: f"{value:,.1f} ms",
+        ),
+        _worst(
+            "writer p99 during audit-archival ÷ writer p99 on the idle database",
+            f"≤ {WRITER_P99_VS_IDLE_MAX}x",
+            [(m, index.idle(m)) for m in archival_jobs if writer_ran],
+            lambda job, idle: job.writer.p99_ms / idle.writer.p99_ms,
+            lambda value: value <= WRITER_P99_VS_IDLE_MAX, higher_is_worse=True,
+            show=lambda value: f"{value:.2f}x",
+        ),
+        _worst(
+            "peak RSS of a job process",
+            f"≤ 150 MB ({PEAK_RSS_MAX_MIB:.1f} MiB)",
+            [(m, m) for m in all_jobs],
+            lambda job, _: job.peak_rss_mib,
+            lambda value: value <= PEAK_RSS_MAX_MIB, higher_is_worse=True,
+            show=lambda value: f"{value:.1f} MiB",
+        ),
+        _rss_flat(all_jobs),
+        _sqlite_locked(index.select(
+            lambda m: m.backend == "sqlite" and m.method in (JOB, IDLE)
+            and isinstance(m.case, ArchivalCase))),
+    ]
+
+
+def _worst(
+    name: str,
+    limit: str,
+    pairs: Iterable[tuple[Measurement, Measurement | None]],
+    figure: Callable[[Measurement, Measurement], float | None],
+    passes: Callable[[float], bool],
+    *,
+    higher_is_worse: bool,
+    show: Callable[[float], str],
+) -> TargetResult:
+    """Evaluate figure(first, second) on every pair and judge the worst value.
+
+    A pair whose steps failed or lack the figure makes the target missed,
+    because the run cannot show that the target is met there.
+    """
+    values: list[tuple[float, Measurement]] = []
+    unmeasured: list[Measurement] = []
+    for first, second in pairs:
+        value = None
+        if second is not None and first.error is None and second.error is None:
+            try:
+                value = figure(first, second)
+            except (TypeError, ZeroDivisionError, AttributeError):
+                value = None
+        if value is None:
+            unmeasured.append(first)
+        else:
+            values.append((value, first))
+    if unmeasured:
+        return TargetResult(name, limit, "no figure", unmeasured[0].where, MISSED)
+    if not values:
+        return TargetResult(name, limit, "-", "-", NOT_MEASURED)
+    pick = max if higher_is_worse else min
+    worst_value, worst = pick(values, key=lambda pair: pair[0])
+    return TargetResult(name, limit, show(worst_value), worst.where,
+                        MET if passes(worst_value) else MISSED)
+
+
+def _rss_flat(jobs: list[Measurement]) -> TargetResult:
+    name = "peak RSS flat from the smallest to the largest data set, per backend"
+    limit = f"largest ≤ {PEAK_RSS_GROWTH_MAX:.2f}x smallest"
+    measured = [m for m in jobs if m.peak_rss_mib is not None and m.error is None]
+    growths = []
+    for backend in sorted({m.backend for m in measured}):
+        own = [m for m in measured if m.backend == backend]
+        smallest = min(m.scale for m in own)
+        largest = max(m.scale for m in own)
+        if smallest == largest:
+            continue
+        low = max(m.peak_rss_mib for m in own if m.scale == smallest)
+        high = max(m.peak_rss_mib for m in own if m.scale == largest)
+        growths.append((high / low, f"{backend}: {low:.1f} MiB at {smallest:,} rows, "
+                                    f"{high:.1f} MiB at {largest:,} rows"))
+    if not growths:
+        return TargetResult(name, limit, "-", "only one data set size", NOT_MEASURED)
+    ratio, where = max(growths)
+    return TargetResult(name, limit, f"{ratio:.2f}x", where,
+                        MET if ratio <= PEAK_RSS_GROWTH_MAX else MISSED)
+
+
+def _sqlite_locked(steps: list[Measurement]) -> TargetResult:
+    name = "SQLite writer errors \"database is locked\" during audit-archival and idle"
+    limit = "0"
+    measured = [m for m in steps if m.writer is not None]
+    if not measured:
+        return TargetResult(name, limit, "-", "-", NOT_MEASURED)
+    # A step without writer figures while others have them failed early.
+    missing = [m for m in steps if m.writer is None]
+    if missing:
+        return TargetResult(name, limit, "no figure", missing[0].where, MISSED)
+    worst = max(measured, key=lambda m: m.writer.locked)
+    return TargetResult(name, limit, str(worst.writer.locked), worst.where,
+                        MET if worst.writer.locked == 0 else MISSED)

@@ -66,7 +66,8 @@ class Events(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         with self._lock_records:
-            self.records.append((record.getMessage(), dict(getattr(record, "fields", {}))))
+            fields = dict(getattr(record, "fields", {}))
+            self.records.append((record.getMessage(), {**fields, "level": record.levelname}))
 
     def named(self, event: str) -> list[dict[str, Any]]:
         with self._lock_records:
@@ -185,6 +186,7 @@ def test_catch_up_after_downtime(db: Database, events: Events,
 
     [started] = events.named("catch_up_started")
     assert started["missed_fire_times"] == 5
+    assert started["level"] == "WARNING"
     assert started["cause"] == "start"
     assert started["fire_time"] == top_of_hour().isoformat()
     assert started["last_scheduled_fire_time"] == top_of_hour(5).isoformat()
@@ -236,6 +238,8 @@ def test_no_history_catches_up_once(db: Database, events: Events,
     # 09:25 to 10:20 inclusive: twelve fire times in the last hour.
     assert started["missed_fire_times"] == 12
     assert started["last_scheduled_fire_time"] is None
+    # A first start missed nothing through an outage: no warning.
+    assert started["level"] == "INFO"
     assert len(run_rows(db)) == 1
 
 
@@ -484,6 +488,7 @@ def test_sigterm_interrupts_run(db: Database) -> None:
     # 50 batches of 10 with 0.05 s pauses: about 2.5 s, started by the
     # catch-up of the previous minute's fire time.
     process = start_scheduler_process(db, log, VOUCHER_JOBS_BATCH_SIZE="10",
+                                      VOUCHER_JOBS_BATCH_TARGET_MS="0",
                                       VOUCHER_JOBS_BATCH_PAUSE_SECONDS="0.05")
     try:
         running = wait_for(

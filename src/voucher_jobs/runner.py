@@ -75,11 +75,17 @@ class RunRefused(Exception):
 
 
 class FireTimeClaimed(Exception):
-    """Another replica has already recorded a run for this run key."""
+    """Another replica has already recorded a run for this run key.
 
-    def __init__(self, job: str, run_key: str) -> None:
+    `active_run_id` is the lock holder's running run when the job's lock also
+    refused this attempt. It is None when this attempt held the lock, or when
+    no running run appeared within ACTIVE_RUN_WAIT_SECONDS.
+    """
+
+    def __init__(self, job: str, run_key: str, active_run_id: int | None = None) -> None:
         self.job = job
         self.run_key = run_key
+        self.active_run_id = active_run_id
         super().__init__(f"{job}: fire time {run_key} was already claimed by another process")
 
 
@@ -233,7 +239,7 @@ def _refuse(engine, job, stored, trigger, run_key, host, pid) -> None:
     except IntegrityError:
         if run_key is None:
             raise
-        raise FireTimeClaimed(job, run_key) from None
+        raise FireTimeClaimed(job, run_key, active_id) from None
     log_event(logger, "run_skipped", logging.WARNING, job=job, run_id=skipped.id,
               active_run_id=active_id, trigger=trigger, run_key=run_key)
     raise RunRefused(job, active_id, skipped.id)

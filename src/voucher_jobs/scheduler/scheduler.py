@@ -15,7 +15,9 @@ Missed fire times: at start, and whenever the thread finds a fire time more
 than STALL_SECONDS late or finds a later fire time already passed, it runs
 one catch-up for the latest fire time that has passed. That happens only
 when the ledger has no row with that fire time's run key and the fire time
-is at most catchup_max_lateness_seconds old.
+is at most catchup_max_lateness_seconds old. When another replica has
+recorded that row and a run of the job is active, the catch-up logs
+`fire_time_skipped` with the active run's id.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from sqlalchemy import Engine
 
 from voucher_jobs import logs, runner
 from voucher_jobs.config import Settings, load_settings
-from voucher_jobs.data import migrate
+from voucher_jobs.data import ledger, migrate
 from voucher_jobs.data.engine import engine_from_settings
 from voucher_jobs.job_settings import build_parameters, run_options
 from voucher_jobs.jobs import JOBS
@@ -211,9 +213,13 @@ class Scheduler:
         latest = schedule.latest_fire_time(
             now, not_before=counted_after + timedelta(microseconds=1))
         if latest is None:
+            # The newest passed fire time has a ledger row already.
+            if last_recorded is not None and now - last_recorded <= max_lateness:
+                self._report_claimed(job, last_recorded, cause)
             return
         key = history.run_key(job, latest.utc)
         if history.run_key_recorded(self.engine, key):
+            self._report_claimed(job, latest.utc, cause)
             return
         missed = schedule.count_fire_times(counted_after, now, MISSED_COUNT_LIMIT)
         lateness = (now - latest.utc).total_seconds()
@@ -224,17 +230,37 @@ class Scheduler:
             log_event(logger, "catch_up_skipped", logging.WARNING, **fields,
                       reason="too_late", max_lateness_seconds=max_lateness.total_seconds())
             return
-        log_event(logger, "catch_up_started", logging.WARNING, **fields)
+        # With no scheduled run in the ledger, this is the first start of a
+        # scheduler on this database: the fire time was not missed by an
+        # outage, so it is not worth a warning.
+        level = logging.WARNING if last_recorded is not None else logging.INFO
+        log_event(logger, "catch_up_started", level, **fields)
         self._fire(job, latest, catch_up=True)
+
+    def _report_claimed(self, job: str, fire_time: datetime, cause: str) -> None:
+        """Log fire_time_skipped for a catch-up whose fire time is claimed while a run is active.
+
+        Replicas that start together race for the same catch-up. The ones
+        that find its run key recorded log the active run, as a refused
+        start does. With no active run, the fire time was handled earlier,
+        and nothing is logged.
+        """
+        active = ledger.active_run(self.engine, job)
+        if active is None:
+            return
+        log_event(logger, "fire_time_skipped", job=job, fire_time=_iso(fire_time),
+                  run_key=history.run_key(job, fire_time), reason="claimed",
+                  active_run_id=active.id, cause=cause, catch_up=True)
 
     def _fire(self, job: str, fire: FireTime, *, catch_up: bool) -> None:
         key = history.run_key(job, fire.utc)
         parameters = build_parameters(job, self.settings)
         try:
             active = runner.start(self.engine, job, parameters, trigger=TRIGGER, run_key=key)
-        except runner.FireTimeClaimed:
+        except runner.FireTimeClaimed as claimed:
             log_event(logger, "fire_time_skipped", job=job, fire_time=_iso(fire.utc),
-                      run_key=key, reason="claimed", catch_up=catch_up)
+                      run_key=key, reason="claimed", active_run_id=claimed.active_run_id,
+                      catch_up=catch_up)
             return
         except runner.RunRefused as refused:
             log_event(logger, "fire_time_skipped", logging.WARNING, job=job,

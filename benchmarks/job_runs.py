@@ -3,9 +3,8 @@
 Each run is `voucher-jobs -v run JOB ... --json`. The run record that
 `--json` prints gives the rows and the run's own duration. The batch times
 come from the record too, or from the `-v` log when the record has none.
-Peak RSS comes from wait4 on this
-child alone (RUSAGE_CHILDREN would report the maximum over every child
-waited for so far).
+Peak RSS is the child's own VmHWM, which
+benchmarks/measured_cli.py writes when the child exits.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -53,15 +51,6 @@ class JobRun:
     window: tuple[float, float] | None = None
 
 
-def find_cli() -> list[str]:
-    """Return the command that starts voucher-jobs in this Python environment."""
-    beside_python = Path(sys.executable).parent / "voucher-jobs"
-    if beside_python.exists():
-        return [str(beside_python)]
-    found = shutil.which("voucher-jobs")
-    return [found] if found else [sys.executable, "-m", "voucher_jobs"]
-
-
 def run_job(
     database: Database, arguments: list[str], work_dir: Path, name: str,
     timeout_seconds: float,
@@ -78,7 +67,10 @@ def run_job(
         if not key.startswith("VOUCHER_") and key != "DATABASE_URL"
     }
     environment["DATABASE_URL"] = database.url
-    command = [*find_cli(), "-v", *arguments, "--json"]
+    peak_path = work_dir / f"{name}.peak-kib"
+    peak_path.unlink(missing_ok=True)
+    command = [sys.executable, str(Path(__file__).with_name("measured_cli.py")), str(peak_path),
+               "-v", *arguments, "--json"]
     with open(out_path, "wb") as out, open(log_path, "wb") as log:
         started = time.monotonic()
         child = subprocess.Popen(command, env=environment, cwd=work_dir,
@@ -91,7 +83,10 @@ def run_job(
             timer.cancel()
         wall_seconds = time.monotonic() - started
     child.returncode = os.waitstatus_to_exitcode(status)
-    run = JobRun(child.returncode, wall_seconds, usage.ru_maxrss / 1024)  # ru_maxrss is KiB
+    # The child's own VmHWM; ru_maxrss includes this process's memory from
+    # before the child's exec (see measured_cli).
+    peak_kib = int(peak_path.read_text()) if peak_path.exists() else usage.ru_maxrss
+    run = JobRun(child.returncode, wall_seconds, peak_kib / 1024)
     if child.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-12:]
         run.error = (f"exit code {child.returncode} after {wall_seconds:.1f} s"

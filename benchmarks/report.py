@@ -459,7 +459,8 @@ Figures:
 - rows/s: rows divided by seconds. The time ratio compares voucher-expired
   with its single statement and the seed algorithm; the rows/s ratio compares
   each archival mode with its own single statement.
-- peak RSS: of the job's child process, from wait4.
+- peak RSS: of the job's child process, its own VmHWM at exit (wait4's
+  figure would include the benchmark process's memory from before the exec).
 - WAL MiB (PostgreSQL): `pg_wal_lsn_diff` of `pg_current_wal_lsn()` before and
   after the step. The WAL position is server-wide, so anything else that writes
   to the server meanwhile, the concurrent writer included, counts too.

@@ -181,9 +181,10 @@ def _run_direct_expiry(run_id: int, batch_size: int, pause_seconds: float,
     sys.stdin.readline()
     limits = BatchLimits(batch_size=batch_size, pause_seconds=pause_seconds)
     parameters = voucher_expired.ExpiryParameters(reference_time=reference_time, limits=limits)
+    started = time.time()
     result = voucher_expired.run(engine, parameters, JobContext(run_id=run_id))
-    print(json.dumps({"written": result.rows_affected, "batches": result.details["batches"]}),
-          flush=True)
+    print(json.dumps({"written": result.rows_affected, "batches": result.details["batches"],
+                      "started": started, "finished": time.time()}), flush=True)
     engine.dispose()
     return 0
 

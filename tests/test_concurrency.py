@@ -91,10 +91,11 @@ def test_direct_runs_write_each_voucher_once(db: Database) -> None:
     reports = [json.loads(stdout.splitlines()[-1]) for _, stdout, _ in outcomes]
     written = [report["written"] for report in reports]
     assert sum(written) == VOUCHERS
-    # Both runs wrote rows, so they ran side by side rather than one after
-    # the other.
-    assert written[0] > 0
-    assert written[1] > 0
+    # They ran side by side, not one after the other. Both walk the same id
+    # ranges, so the one behind finds the vouchers claimed and writes fewer
+    # rows, or none.
+    first, second = sorted(reports, key=lambda report: report["started"])
+    assert second["started"] < first["finished"]
 
     logged = expired_voucher_ids(db)
     assert len(logged) == VOUCHERS

@@ -106,7 +106,23 @@ def test_batch_size_does_not_change_result(db: Database, batch_size: int) -> Non
     run, result = expire(db, batch_size=batch_size)
     assert run.rows_affected == 27
     assert len(expired_rows(db)) == 27
-    assert result.details["batches"] == -(-27 // batch_size)
+    # A batch covers batch_size vouchers, expired or not, from the lowest
+    # pending id (2: voucher 1 is deleted) to the highest (30): 29 vouchers.
+    assert result.details["batches"] == -(-29 // batch_size)
+
+
+def test_batches_cover_ids_not_only_pending_vouchers(db: Database) -> None:
+    # Pending vouchers far apart: each batch covers the next vouchers by id,
+    # so the walk ends at the highest pending id, and the future vouchers
+    # after it are never read.
+    ids = [db.add_voucher(T0 - timedelta(days=1) if i % 4 == 0 else T0 + timedelta(days=1))
+           for i in range(40)]
+    run, result = expire(db, batch_size=5)
+    assert run.rows_affected == 10
+    assert [row.voucher_id for row in expired_rows(db)] == ids[0:40:4]
+    # ids[0] to ids[36]: 37 vouchers in batches of 5.
+    assert result.details["batches"] == 8
+    assert result.details["last_voucher_id"] == ids[36]
 
 
 def test_dry_run_writes_nothing(db: Database) -> None:
@@ -133,11 +149,12 @@ def test_repeated_batch_writes_no_duplicate(db: Database) -> None:
     # A retried attempt of one run can walk over vouchers that its earlier
     # attempt claimed: only claims made by the batch itself get a row.
     ids = [db.add_voucher(T0 - timedelta(days=1)) for _ in range(5)]
-    upper, looked_at, written = voucher_expired._expire_batch(db.engine, T0, 0, 3, run_id=7)
-    assert (upper, looked_at, written) == (ids[2], 3, 3)
-    db.add_voucher(T0 - timedelta(days=1))
-    upper, looked_at, written = voucher_expired._expire_batch(db.engine, T0, 0, 10, run_id=7)
-    assert (looked_at, written) == (3, 3)
+    upper, full, written = voucher_expired._expire_batch(db.engine, T0, 0, 10**6, 3, run_id=7)
+    assert (upper, full, written) == (ids[2], True, 3)
+    sixth = db.add_voucher(T0 - timedelta(days=1))
+    upper, full, written = voucher_expired._expire_batch(db.engine, T0, 0, 10**6, 10, run_id=7)
+    assert (upper, full, written) == (10**6, False, 3)
+    assert len(expired_rows(db, sixth)) == 1
     assert len(expired_rows(db)) == 6
     for voucher in ids:
         assert len(expired_rows(db, voucher)) == 1

@@ -204,7 +204,7 @@ def _run_file_mode(engine, parameters, context, walk, after_id, sizer, eligible)
             walk,
             after_id,
             max_rows=parameters.archive_file_rows,
-            page_size=max(sizer.size, limits.batch_size),
+            page_size=archive_files.EXPORT_PAGE_ROWS,
             run_id=context.run_id,
             sequence=sequence,
             stop_requested=context.stop_requested,

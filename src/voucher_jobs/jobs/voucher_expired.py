@@ -17,11 +17,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     Engine,
     Select,
-    and_,
     bindparam,
     exists,
     func,
@@ -98,9 +98,10 @@ def run(engine: Engine, parameters: ExpiryParameters, context: JobContext) -> Jo
             if parameters.reference_time
             else database_now(connection)
         )
-        pending = connection.execute(
-            select(func.count()).select_from(pending_vouchers(reference_time).subquery())
-        ).scalar_one()
+        pending_ids = pending_vouchers(reference_time).subquery()
+        pending, lowest_id, highest_id = connection.execute(
+            select(func.count(), func.min(pending_ids.c.id), func.max(pending_ids.c.id))
+        ).one()
         connection.rollback()
     context.log(
         "expiry_started",
@@ -124,19 +125,21 @@ def run(engine: Engine, parameters: ExpiryParameters, context: JobContext) -> Jo
     # highest voucher that an earlier attempt claimed. Starting from 0 again
     # would put that attempt's claims inside the first batch's id range, and
     # the batch would write their EXPIRED rows a second time.
-    written, after_id = _claimed_by_run(engine, context.run_id)
+    written, claimed_up_to = _claimed_by_run(engine, context.run_id)
+    # The walk covers the vouchers that were pending at the start: no voucher
+    # below the lowest of them needs a row, and one above the highest is
+    # left for the next run.
+    after_id = max(claimed_up_to, lowest_id - 1)
     interrupted = False
     sizer = limits.sizer()
     context.progress(0, pending)
-    while True:
+    while after_id < highest_id:
         batch_started = time.monotonic()
-        upper_id, looked_at, inserted = _expire_batch(
-            engine, reference_time, after_id, sizer.size, context.run_id
+        upper_id, full, inserted = _expire_batch(
+            engine, reference_time, after_id, highest_id, sizer.size, context.run_id
         )
-        if upper_id is None:
-            break
         elapsed = time.monotonic() - batch_started
-        sizer.record(elapsed, looked_at)
+        sizer.record(elapsed, inserted, full)
         batches += 1
         written += inserted
         after_id = upper_id
@@ -171,13 +174,16 @@ def _claimed_by_run(engine: Engine, run_id: int) -> tuple[int, int]:
 
 
 def _expire_batch(
-    engine: Engine, reference_time: datetime, after_id: int, batch_size: int, run_id: int
-) -> tuple[int | None, int, int]:
-    """Log one batch of vouchers with ids above after_id in one transaction.
+    engine: Engine, reference_time: datetime, after_id: int, end_id: int, batch_size: int,
+    run_id: int,
+) -> tuple[int, bool, int]:
+    """Log the expired vouchers among the next batch_size vouchers above after_id.
 
-    Returns the highest voucher id the batch looked at (None when no voucher
-    is left), the number of vouchers it claimed or found claimed, and the
-    number of EXPIRED rows written.
+    The batch covers the id range (after_id, upper], where upper is the id
+    of the batch_size-th voucher above after_id, or end_id when fewer are
+    left; a read of the primary key index finds it. Returns upper, whether
+    the range held batch_size vouchers, and the number of EXPIRED rows
+    written. One transaction.
 
     Safe under concurrency: the claim in `voucher_jobs_expirations` goes
     first, with ON CONFLICT DO NOTHING on its (voucher_id, expiry_date) key.
@@ -187,58 +193,83 @@ def _expire_batch(
     claim made by another run, or by an earlier attempt of this run, never
     gets a second row.
     """
-    pending = pending_vouchers(reference_time, after_id)
     with engine.begin() as connection:
-        next_vouchers = pending.order_by(vouchers.c.id).limit(batch_size).subquery()
-        upper_id, looked_at = connection.execute(
-            select(func.max(next_vouchers.c.id), func.count())
-        ).one()
-        if upper_id is None:
-            return None, 0, 0
-
-        in_batch = pending_vouchers(reference_time, after_id, upper_id)
-        claims = select(
-            vouchers.c.id,
+        upper_id = connection.execute(
+            select(vouchers.c.id)
+            .where(vouchers.c.id > after_id, vouchers.c.id <= end_id)
+            .order_by(vouchers.c.id)
+            .offset(batch_size - 1)
+            .limit(1)
+        ).scalar()
+        full = upper_id is not None
+        upper_id = upper_id if full else end_id
+        claims = pending_vouchers(reference_time, after_id, upper_id).add_columns(
             vouchers.c.expiry_date,
             literal(run_id, BigId),
             bindparam("logged_at", reference_time, UTCDateTime()),
-        ).where(vouchers.c.id.in_(in_batch.scalar_subquery()))
-        claimed_ids = connection.execute(
+        )
+        claim = (
             insert_ignoring_conflicts(engine, expirations, ["voucher_id", "expiry_date"])
             .from_select(["voucher_id", "expiry_date", "run_id", "logged_at"], claims)
-            .returning(expirations.c.voucher_id)
-        ).scalars().all()
-        if not claimed_ids:
-            return upper_id, looked_at, 0
-
-        claimed = and_(
-            expirations.c.run_id == run_id,
-            id_in(engine, expirations.c.voucher_id, claimed_ids),
         )
-        audit_rows = select(
-            vouchers.c.id,
-            string_literal(ACTION),
-            string_literal(ACTOR_TYPE),
-            vouchers.c.code,
-            json_object(
-                string_literal("type"),
-                vouchers.c.type,
-                string_literal("expiry_date"),
-                iso_utc(expirations.c.expiry_date),
-                string_literal("run_id"),
-                literal(run_id, BigId),
-            ),
-            bindparam("created_at", reference_time, UTCDateTime()),
-        ).select_from(
-            expirations.join(vouchers, vouchers.c.id == expirations.c.voucher_id)
-        ).where(claimed)
-        result = connection.execute(
-            insert(voucher_audit_logs).from_select(
-                ["voucher_id", "action", "actor_type", "code", "metadata", "created_at"],
-                audit_rows,
-            ).returning(voucher_audit_logs.c.id)
-        )
-        # RETURNING, because psycopg reports no rowcount for INSERT ... SELECT
-        # here. The batch is bounded, so the list is small.
-        return upper_id, looked_at, len(result.fetchall())
+        if engine.dialect.name == "postgresql":
+            written = _claim_and_log_postgresql(connection, claim, reference_time, run_id)
+        else:
+            written = _claim_and_log_sqlite(connection, claim, reference_time, run_id)
+        return upper_id, full, written
 
+
+def _audit_rows(claims: Any, reference_time: datetime, run_id: int) -> Select:
+    """Select one EXPIRED audit row for each claim in `claims`."""
+    return select(
+        vouchers.c.id,
+        string_literal(ACTION),
+        string_literal(ACTOR_TYPE),
+        vouchers.c.code,
+        json_object(
+            string_literal("type"),
+            vouchers.c.type,
+            string_literal("expiry_date"),
+            iso_utc(claims.c.expiry_date),
+            string_literal("run_id"),
+            literal(run_id, BigId),
+        ),
+        bindparam("created_at", reference_time, UTCDateTime()),
+    ).select_from(claims.join(vouchers, vouchers.c.id == claims.c.voucher_id))
+
+
+_AUDIT_COLUMNS = ["voucher_id", "action", "actor_type", "code", "metadata", "created_at"]
+
+
+def _claim_and_log_postgresql(connection, claim, reference_time: datetime, run_id: int) -> int:
+    # One statement: the claim insert's RETURNING feeds the audit insert, so
+    # the rows go exactly to the claims this statement made, and no id list
+    # travels to the client and back.
+    claimed = claim.returning(expirations.c.voucher_id, expirations.c.expiry_date).cte("claimed")
+    logged = (
+        insert(voucher_audit_logs)
+        .from_select(_AUDIT_COLUMNS, _audit_rows(claimed, reference_time, run_id))
+        .returning(voucher_audit_logs.c.id)
+        .cte("logged")
+    )
+    return connection.execute(select(func.count()).select_from(logged)).scalar_one()
+
+
+def _claim_and_log_sqlite(connection, claim, reference_time: datetime, run_id: int) -> int:
+    # SQLite has no INSERT inside WITH, so the claimed ids come back and the
+    # audit insert selects those claims of this run.
+    claimed_ids = connection.execute(claim.returning(expirations.c.voucher_id)).scalars().all()
+    if not claimed_ids:
+        return 0
+    mine = select(expirations.c.voucher_id, expirations.c.expiry_date).where(
+        expirations.c.run_id == run_id,
+        id_in(connection.engine, expirations.c.voucher_id, claimed_ids),
+    ).subquery("claimed")
+    result = connection.execute(
+        insert(voucher_audit_logs)
+        .from_select(_AUDIT_COLUMNS, _audit_rows(mine, reference_time, run_id))
+        .returning(voucher_audit_logs.c.id)
+    )
+    # RETURNING, because the driver reports no rowcount for INSERT ... SELECT
+    # here. The batch is bounded, so the list is small.
+    return len(result.fetchall())

@@ -482,5 +482,5 @@ Figures:
 - targets: those of voucher-expired are judged at the largest voucher count of
   the run, with 0% logged for the ratios. The others are judged over every data
   set. "Flat" peak RSS means that the largest data set's peak is at most 10%
-  above the smallest one's, per backend.
+  above the smallest one's, for each backend, job and archival mode.
 """

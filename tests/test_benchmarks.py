@@ -147,6 +147,10 @@ def test_smoke_preset_report(postgres_url: str, tmp_path: Path) -> None:
     assert len(target_rows) == len(TARGETS)
     for name, row in zip(TARGETS, target_rows):
         assert row["target"].startswith(name)
+        if name.startswith("peak RSS flat"):
+            # The smoke preset has one size per job and mode: nothing to compare.
+            assert row["result"] == "not measured", row
+            continue
         assert row["result"] in ("met", "MISSED"), row
         assert row["worst measured"] not in ("-", "no figure"), row
 

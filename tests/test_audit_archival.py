@@ -255,3 +255,27 @@ def test_server_built_lines_match_python_lines(db: Database) -> None:
         python = [json.loads(row_to_line(row)) for row in read_page(connection, walk, 0, 10)]
     assert len(server) == 3
     assert server == python
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("mode", list(ArchiveMode))
+def test_timestamp_without_time_zone_column(db: Database, mode: ArchiveMode) -> None:
+    # Many ORMs create `timestamp(3) without time zone`; its values are UTC.
+    from sqlalchemy import text
+
+    with db.engine.begin() as connection:
+        connection.execute(text(
+            "ALTER TABLE voucher_audit_logs ALTER COLUMN created_at "
+            "TYPE timestamp(3) without time zone USING created_at AT TIME ZONE 'UTC'"
+        ))
+    fill_300_old_50_new(db)
+    run, _ = archive(db, mode=mode, batch_size=64, archive_file_rows=128)
+    assert run.status == "succeeded", run.error
+    assert run.rows_affected == 300
+    assert db.count(voucher_audit_logs) == 50
+    if mode is ArchiveMode.ARCHIVE_FILE:
+        lines = [json.loads(line)
+                 for path in sorted((db.workdir / "archive").glob("*.jsonl.gz"))
+                 for line in gzip.decompress(path.read_bytes()).splitlines()]
+        assert lines[0]["created_at"] == (CUTOFF - timedelta(minutes=300)).strftime(
+            "%Y-%m-%dT%H:%M:%S.%fZ")

@@ -292,7 +292,7 @@ def test_failing_run_reports_cause(db: Database, cli, monkeypatch: pytest.Monkey
     result = _fail_archival(db, cli, monkeypatch)
     assert result.exit_code == 1, result.stderr
     assert "caused by NotADirectoryError" in result.stderr
-    assert "Run again with -v for the traceback." in result.stderr
+    assert "Run again as `voucher-jobs -v COMMAND ...` for the traceback." in result.stderr
     assert "Traceback" not in result.stderr
     [run] = db.rows(select(runs))
     assert run.status == "failed"
@@ -317,3 +317,29 @@ def test_missing_sqlite_file_is_not_created(tmp_path: Path, cli, arguments: list
     assert f"the SQLite file {database} does not exist" in result.stderr
     assert "voucher-jobs db upgrade" in result.stderr
     assert not database.exists()
+
+
+@pytest.mark.parametrize("stored", [
+    # Milliseconds since 1970, as some ORMs store them.
+    "1796846192844",
+    # ISO text with a T and a Z: 'T' sorts after ' ', so text comparison breaks.
+    "'2026-12-04T09:59:00.000Z'",
+])
+def test_sqlite_timestamps_in_another_format_refused(tmp_path: Path, cli, stored: str) -> None:
+    import sqlite3
+
+    database = tmp_path / "backend.db"
+    url = f"sqlite:///{database}"
+    assert cli("db", "upgrade", env={"DATABASE_URL": url}).exit_code == 0
+    with sqlite3.connect(database) as connection:
+        connection.execute(
+            "INSERT INTO vouchers (code, type, expiry_date) "
+            f"VALUES ('V1', 'FIXED', {stored})")
+    for arguments in (["run", "voucher-expired"], ["db", "upgrade"]):
+        result = cli(*arguments, env={"DATABASE_URL": url})
+        assert result.exit_code == 4, result.stderr
+        assert "vouchers.expiry_date holds" in result.stderr
+        assert "'2026-12-04 10:00:00.000000'" in result.stderr
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("SELECT count(*) FROM voucher_audit_logs").fetchone() == (0,)
+        assert connection.execute("SELECT count(*) FROM voucher_jobs_runs").fetchone() == (0,)

@@ -437,6 +437,23 @@ def test_archive_table_rejects_differing_copy(db: Database) -> None:
     assert db.count(audit_archive) == 30 + 1
 
 
+def test_archive_table_with_enum_columns(db: Database) -> None:
+    # Backends often declare action as an enum; the archive column is text.
+    with db.engine.begin() as connection:
+        actions = connection.execute(text(
+            "SELECT DISTINCT action FROM voucher_audit_logs ORDER BY 1")).scalars().all()
+        labels = ", ".join("'" + action + "'" for action in actions)
+        connection.execute(text(f"CREATE TYPE audit_action AS ENUM ({labels})"))
+        connection.execute(text(
+            "ALTER TABLE voucher_audit_logs ALTER COLUMN action TYPE audit_action "
+            "USING action::audit_action"))
+    before = snapshot(db)
+    result, _ = run_archival(db, ArchiveMode.ARCHIVE_TABLE)
+    assert result.details["partition_rows_retired"] == RETIRED_ROWS
+    assert db.count(audit_archive) == RETIRED_ROWS + BATCHED_ROWS
+    check_invariants(db, ArchiveMode.ARCHIVE_TABLE, before, complete=True)
+
+
 # --- lock timeout -------------------------------------------------------------
 
 

@@ -111,5 +111,5 @@ def report(exc: BaseException, verbose: bool) -> ExitCode:
     if verbose:
         traceback.print_exception(exc, file=sys.stderr)
     elif code is ExitCode.RUN_FAILED:
-        console.print("Run again with -v for the traceback.", markup=False)
+        console.print("Run again as `voucher-jobs -v COMMAND ...` for the traceback.", markup=False)
     return code

@@ -150,7 +150,8 @@ DryRunOption = Annotated[bool, typer.Option(
     "--dry-run", help="Report what would be written or removed; write nothing.")]
 BatchOption = Annotated[Optional[int], typer.Option(
     "--batch-size", min=1, max=100_000,
-    help="Rows of the first batch; later batches follow --batch-target-ms.",
+    help="Rows (for voucher-expired: vouchers, expired or not) of the first batch; "
+    "later batches follow --batch-target-ms.",
     show_default="$VOUCHER_JOBS_BATCH_SIZE or 1000")]
 BatchTargetOption = Annotated[Optional[int], typer.Option(
     "--batch-target-ms", min=0, max=10_000, metavar="MS",

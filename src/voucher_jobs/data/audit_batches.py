@@ -37,6 +37,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.types import Text
 
 from voucher_jobs.data.schema import audit_archive, voucher_audit_logs
 from voucher_jobs.data.statements import id_in
@@ -312,7 +313,7 @@ _ARCHIVE_LINES_POSTGRESQL = text(
     bindparam("cutoff", type_=UTCDateTime()),
     bindparam("after_id", type_=BigId),
     bindparam("end_id", type_=BigId),
-)
+).columns(id=BigId, created_at=UTCDateTime(), line=Text())
 
 
 def archive_lines_from_server(connection: Connection) -> bool:

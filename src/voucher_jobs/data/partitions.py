@@ -384,7 +384,9 @@ def copy_to_archive_table(
         {"archived_at": archived_at, "run_id": run_id},
     ).rowcount
     # metadata is compared as jsonb, because json has no equality operator
-    # and a backend may declare the column as json.
+    # and a backend may declare the column as json. The text columns are
+    # compared as text, because a backend may declare them as enums, which
+    # have no equality operator with the archive's varchar.
     differing = list(connection.execute(
         text(
             f"""
@@ -392,11 +394,11 @@ def copy_to_archive_table(
             FROM {partition.qualified_name} AS live
             LEFT JOIN voucher_jobs_audit_archive AS copy ON copy.id = live.id
             WHERE copy.id IS NULL
-               OR (copy.voucher_id, copy.action, copy.actor_type, copy.code,
-                   copy.metadata::jsonb, copy.created_at)
+               OR (copy.voucher_id, copy.action::text, copy.actor_type::text,
+                   copy.code::text, copy.metadata::jsonb, copy.created_at)
                   IS DISTINCT FROM
-                  (live.voucher_id, live.action, live.actor_type, live.code,
-                   live.metadata::jsonb, live.created_at)
+                  (live.voucher_id, live.action::text, live.actor_type::text,
+                   live.code::text, live.metadata::jsonb, live.created_at)
             ORDER BY live.id
             LIMIT 11
             """

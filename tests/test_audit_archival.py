@@ -268,8 +268,16 @@ def test_timestamp_without_time_zone_column(db: Database, mode: ArchiveMode) -> 
             "ALTER TABLE voucher_audit_logs ALTER COLUMN created_at "
             "TYPE timestamp(3) without time zone USING created_at AT TIME ZONE 'UTC'"
         ))
-    fill_300_old_50_new(db)
-    run, _ = archive(db, mode=mode, batch_size=64, archive_file_rows=128)
+    try:
+        fill_300_old_50_new(db)
+        run, _ = archive(db, mode=mode, batch_size=64, archive_file_rows=128)
+    finally:
+        # The tests share this database's tables: put the declared type back.
+        with db.engine.begin() as connection:
+            connection.execute(text(
+                "ALTER TABLE voucher_audit_logs ALTER COLUMN created_at "
+                "TYPE timestamp with time zone USING created_at AT TIME ZONE 'UTC'"
+            ))
     assert run.status == "succeeded", run.error
     assert run.rows_affected == 300
     assert db.count(voucher_audit_logs) == 50

@@ -191,7 +191,7 @@ def test_shuffled_layout_removes_exactly_the_old_rows(db: Database, mode: Archiv
 
 
 @pytest.mark.parametrize("mode", list(ArchiveMode))
-def test_sparse_ids_take_batches_by_rows_not_by_id_span(db: Database, mode: ArchiveMode) -> None:
+def test_sparse_ids_batch_by_rows(db: Database, mode: ArchiveMode) -> None:
     # Ids far apart, as time-based 64-bit ids are: a batch takes the next
     # rows, however wide their id range.
     add_rows_with_ids(db, [(i * 10**15, CUTOFF - timedelta(minutes=i)) for i in range(1, 101)])

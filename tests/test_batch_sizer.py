@@ -46,7 +46,7 @@ def test_never_below_the_minimum() -> None:
     assert tiny.size == 3
 
 
-def test_without_target_size_is_fixed_and_longest_is_kept() -> None:
+def test_fixed_size_without_target() -> None:
     sizer = BatchLimits(batch_size=500).sizer()
     sizer.record(0.002, 500)
     sizer.record(0.3, 500)

@@ -338,7 +338,7 @@ def test_sqlite_timestamps_in_another_format_refused(tmp_path: Path, cli, stored
     for arguments in (["run", "voucher-expired"], ["db", "upgrade"]):
         result = cli(*arguments, env={"DATABASE_URL": url})
         assert result.exit_code == 4, result.stderr
-        assert "vouchers.expiry_date holds" in result.stderr
+        assert "vouchers.expiry_date contains" in result.stderr
         assert "'2026-12-04 10:00:00.000000'" in result.stderr
     with sqlite3.connect(database) as connection:
         assert connection.execute("SELECT count(*) FROM voucher_audit_logs").fetchone() == (0,)

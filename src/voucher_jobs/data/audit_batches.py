@@ -56,7 +56,7 @@ class Key:
 
 @dataclass(frozen=True)
 class Walk:
-    """What a run walks: rows older than cutoff with ids up to end_id."""
+    """The rows a run walks: those older than cutoff, with ids up to end_id."""
 
     cutoff: datetime
     end_id: int
@@ -64,7 +64,7 @@ class Walk:
 
 @dataclass(frozen=True)
 class BatchOutcome:
-    """What one batch did: rows it removed, the id it reached, and whether it was full.
+    """The outcome of one batch: rows removed, the id reached, and whether it was full.
 
     `last_id` is the upper end of the batch's id range, which the next batch
     starts after; it is None when the walk had already reached its end. A
@@ -115,7 +115,7 @@ def _batch_range(connection: Connection, walk: Walk, after_id: int, size: int
     """Return the upper end of the next batch's id range and whether the range is full.
 
     The range (after_id, upper] holds the next `size` rows of the table,
-    eligible or not, so a batch never holds more than `size` rows, however
+    eligible or not, so a batch never contains more than `size` rows, however
     far apart the ids are. The query reads the primary key index only
     (an index-only scan on PostgreSQL). When fewer than `size` rows are
     left before the end of the walk, the range ends at the walk's end.

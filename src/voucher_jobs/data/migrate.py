@@ -41,7 +41,7 @@ def current_revision(engine: Engine) -> str | None:
         return context.get_current_revision()
 
 
-# How SQLite stores the instants that voucher-jobs compares: UTC text with
+# The SQLite form of the instants that voucher-jobs compares: UTC text with
 # six fractional digits, whose text order is time order.
 _SQLITE_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}")
 _SQLITE_TIMESTAMP_GLOB = (
@@ -54,7 +54,7 @@ _COMPARED_COLUMNS = (("vouchers", "expiry_date"), ("voucher_audit_logs", "create
 
 
 def check_sqlite_timestamps(connection: Connection, *, every_row: bool) -> None:
-    """Raise SchemaNotReady when a compared SQLite column holds another timestamp format.
+    """Raise SchemaNotReady when a compared SQLite column contains another timestamp format.
 
     SQLite compares these columns as text, and sorts every number before any
     text, so integer milliseconds or ISO text with a T would make the jobs
@@ -87,7 +87,7 @@ def check_sqlite_timestamps(connection: Connection, *, every_row: bool) -> None:
                 isinstance(value, str) and _SQLITE_TIMESTAMP.fullmatch(value))), None)
         if bad is not None:
             raise SchemaNotReady(
-                f"{table}.{column} holds {bad!r} ({type(bad).__name__}), but voucher-jobs "
+                f"{table}.{column} contains {bad!r} ({type(bad).__name__}), but voucher-jobs "
                 "compares SQLite timestamps as UTC text such as "
                 "'2026-12-04 10:00:00.000000', so it would pick the wrong rows. Nothing was "
                 f"changed. Convert every {table}.{column} value to that form, then run again."

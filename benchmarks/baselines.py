@@ -26,12 +26,14 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from benchmarks.backends import Database
-from voucher_jobs.jobs.archive_files import COMPRESS_LEVEL
+from voucher_jobs.data.audit_batches import COPY_LINE_OPTIONS, archive_line_sql
+from voucher_jobs.jobs.archive_files import COMPRESS_LEVEL, row_to_line
 
 # The single statement compresses as voucher-jobs' archive files do.
 ARCHIVE_GZIP_LEVEL = COMPRESS_LEVEL
@@ -266,9 +268,11 @@ def _archival_postgresql(database, mode, cutoff, archived_at, archive_dir) -> St
         elif mode == "archive-table":
             rows = connection.execute(_MOVE_POSTGRESQL, parameters).rowcount
         else:
-            path = archive_dir / "single-statement.tsv.gz"
-            query = (f"COPY (SELECT {_AUDIT_COLUMNS} FROM voucher_audit_logs "
-                     "WHERE created_at < %(cutoff)s) TO STDOUT")
+            # The same lines as the job's archive files, built by the server
+            # as the job has them built: the limit for writing that format.
+            path = archive_dir / "single-statement.jsonl.gz"
+            query = (f"COPY (SELECT {archive_line_sql('jsonb')} FROM voucher_audit_logs "
+                     f"WHERE created_at < %(cutoff)s) TO STDOUT WITH ({COPY_LINE_OPTIONS})")
             with _durable_gzip(path) as compressed, connection.cursor() as cursor:
                 buffer = bytearray()
                 with cursor.copy(query, parameters) as copy:
@@ -304,15 +308,16 @@ def _archival_sqlite(database, mode, cutoff, archived_at, archive_dir) -> Statem
         connection.execute("COMMIT")
         _check_exported(copied, rows)
     else:
-        # SQLite has no COPY: one SELECT streamed into the file is the nearest.
-        path = archive_dir / "single-statement.tsv.gz"
+        # SQLite has no COPY: one SELECT streamed into the file, in the
+        # job's line format, is the nearest.
+        path = archive_dir / "single-statement.jsonl.gz"
         exported = 0
         cursor = connection.execute(
             f"SELECT {_AUDIT_COLUMNS} FROM voucher_audit_logs WHERE created_at < :cutoff",
             parameters)
         with _durable_gzip(path) as compressed:
             while batch := cursor.fetchmany(10_000):
-                compressed.write("".join(_tsv_line(row) for row in batch).encode())
+                compressed.write(b"".join(_archive_line(row) for row in batch))
                 exported += len(batch)
         rows = connection.execute(delete, parameters).rowcount
         _check_exported(exported, rows)
@@ -322,9 +327,14 @@ def _archival_sqlite(database, mode, cutoff, archived_at, archive_dir) -> Statem
     return StatementResult(rows, seconds, archive_bytes)
 
 
-def _tsv_line(row: tuple) -> str:
-    """Format a row as COPY's text format does, with \\N for NULL."""
-    return "\t".join("\\N" if value is None else str(value) for value in row) + "\n"
+def _archive_line(row: tuple) -> bytes:
+    """Format a SQLite row as a line of voucher-jobs' archive files."""
+    id_, voucher_id, action, actor_type, code, metadata, created_at = row
+    return row_to_line(SimpleNamespace(
+        id=id_, voucher_id=voucher_id, action=action, actor_type=actor_type, code=code,
+        metadata=None if metadata is None else json.loads(metadata),
+        created_at=datetime.fromisoformat(created_at).replace(tzinfo=timezone.utc),
+    ))
 
 
 def _check_exported(exported: int, deleted: int) -> None:

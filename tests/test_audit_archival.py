@@ -160,6 +160,40 @@ def test_unfinished_file_is_completed_by_next_run(db: Database) -> None:
     assert db.count(voucher_audit_logs) == 50
 
 
+def test_run_stopped_between_files_leaves_only_finished_files(db: Database) -> None:
+    # On PostgreSQL the next file is written while the rows of the current
+    # one are deleted. A run that stops after the current file must not
+    # leave the next one behind.
+    fill_300_old_50_new(db)
+    run, _ = archive(db, mode=ArchiveMode.ARCHIVE_FILE, batch_size=100, max_batches=1,
+                     archive_file_rows=100)
+    assert run.rows_affected == 100
+    folder = db.workdir / "archive"
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "voucher_audit_logs.run00000001.00001.jsonl.gz",
+        "voucher_audit_logs.run00000001.00001.manifest.json",
+    ]
+    run, _ = archive(db, mode=ArchiveMode.ARCHIVE_FILE, batch_size=100, archive_file_rows=100)
+    assert run.rows_affected == 200
+    lines = [json.loads(line) for path in sorted(folder.glob("*.jsonl.gz"))
+             for line in gzip.open(path)]
+    assert len(lines) == 300 and len({line["id"] for line in lines}) == 300
+    assert db.count(voucher_audit_logs) == 50
+
+
+def test_listed_deletion_keeps_unlisted_rows_of_its_span(db: Database) -> None:
+    from voucher_jobs.data.audit_batches import delete_listed
+
+    add_rows_with_ids(db, [(row_id, CUTOFF - timedelta(hours=row_id)) for row_id in range(1, 11)])
+    # Row 4 lies inside the span 1..6 but is not listed: it must stay.
+    assert delete_listed(db.engine, [1, 2, 3, 5, 6], CUTOFF) == 5
+    assert delete_listed(db.engine, [7, 8], CUTOFF) == 2
+    # Rows 7 and 8 are gone already: of this list only 9 and 10 are left.
+    assert delete_listed(db.engine, [7, 8, 9, 10], CUTOFF) == 2
+    remaining = [row.id for row in db.rows(select(voucher_audit_logs.c.id))]
+    assert remaining == [4]
+
+
 def add_rows_with_ids(db: Database, rows: list[tuple[int, object]]) -> None:
     with db.engine.begin() as connection:
         connection.execute(insert(voucher_audit_logs), [
@@ -232,15 +266,15 @@ def test_server_built_lines_match_python_lines(db: Database) -> None:
     # On PostgreSQL the server formats archive lines; they must hold the
     # same values as the lines Python writes on SQLite.
     from voucher_jobs.data.audit_batches import (
-        Walk, archive_lines_from_server, read_archive_lines, read_page,
+        Walk, copy_archive_lines, read_page, server_metadata_kind,
     )
     from voucher_jobs.jobs.archive_files import row_to_line
 
     tricky = [
         dict(voucher_id=None, action='QUOTE "x"', actor_type="ADMIN", code=None,
              metadata=None),
-        dict(voucher_id=7, action="UPDATED", actor_type="USER", code="Zoë\\n\t€",
-             metadata={"b": [1, 2.5, None, True], "a": {"nested": "ü\"\\"}, "": ""}),
+        dict(voucher_id=7, action="UPDATED", actor_type="USER", code="Zoë\\n\t€\x01\x02",
+             metadata={"b": [1, 2.5, None, True], "a": {"nested": "ü\"\\\n"}, "": ""}),
         dict(voucher_id=2**40, action="REDEEMED", actor_type="SYSTEM", code="C-1",
              metadata={"n": 1}),
     ]
@@ -249,12 +283,34 @@ def test_server_built_lines_match_python_lines(db: Database) -> None:
             dict(row, created_at=CUTOFF - timedelta(days=i, microseconds=i * 123457))
             for i, row in enumerate(tricky, start=1)
         ])
-        assert archive_lines_from_server(connection)
+        assert server_metadata_kind(connection) == "jsonb"
         walk = Walk(CUTOFF, 10**12)
-        server = [json.loads(row.line) for row in read_archive_lines(connection, walk, 0, 10)]
+        chunks: list[bytes] = []
+        copy_archive_lines(connection, walk, 0, 10**12, "jsonb", chunks.append)
+        server_lines = b"".join(chunks).splitlines()
+        server = [json.loads(line) for line in server_lines]
         python = [json.loads(row_to_line(row)) for row in read_page(connection, walk, 0, 10)]
     assert len(server) == 3
     assert server == python
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_json_column_archive_line(db: Database) -> None:
+    # A json (not jsonb) column keeps the line breaks of the document it
+    # was given; the archive line must still be a single line.
+    from sqlalchemy import text
+
+    from voucher_jobs.data.audit_batches import archive_line_sql
+
+    with db.engine.connect() as connection:
+        line = connection.execute(text(
+            f"SELECT {archive_line_sql('json')} FROM (VALUES (1, 2, 'UPDATED', 'USER', 'C', "
+            "CAST('{\"a\":\r\n  [1,\n 2], \"b\": \"x\\ny\"}' AS json), now())) AS "
+            "voucher_audit_logs(id, voucher_id, action, actor_type, code, metadata, created_at)"
+        )).scalar_one()
+    assert "\n" not in line
+    assert "\r" not in line
+    assert json.loads(line)["metadata"] == {"a": [1, 2], "b": "x\ny"}
 
 
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)

@@ -2,14 +2,17 @@
 
 A file goes through these steps, and its rows are deleted only after the last:
 
-1. Rows are read page by page and streamed into `.NAME.jsonl.gz.tmp`.
+1. Rows are streamed into `.NAME.jsonl.gz.tmp`: on PostgreSQL as lines that
+   the server builds, sent with one COPY; elsewhere read page by page and
+   encoded here.
 2. The file is flushed and fsynced, then read back: its row count and the
    SHA-256 of its uncompressed content must match what was written.
 3. The manifest (`NAME.manifest.json`) is written and fsynced, both files
    are renamed to their final names, and the folder is fsynced.
 4. The file is registered in `voucher_jobs_archive_files` with status
-   `exported`. Only now are its rows deleted from the live table, by id, in
-   short transactions; the status then becomes `complete`.
+   `exported`. Only now are its rows deleted from the live table, in short
+   transactions that delete exactly the file's ids; the status then becomes
+   `complete`.
 
 The next run repairs a crash at any step, in `unfinished_files`. It removes
 leftover `.tmp` files and data files without a manifest, because none of
@@ -27,8 +30,10 @@ import io
 import json
 import os
 import time
+import zlib
 from array import array
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -39,10 +44,12 @@ from sqlalchemy import Connection, Engine, func, insert, select, update
 from voucher_jobs.data.audit_batches import (
     Key,
     Walk,
-    archive_lines_from_server,
-    delete_ids,
-    read_archive_lines,
+    copy_archive_lines,
+    created_at_of,
+    delete_listed,
+    eligible_ids,
     read_page,
+    server_metadata_kind,
 )
 from voucher_jobs.data.schema import archive_files
 from voucher_jobs.data.types import as_utc, utc_now
@@ -57,6 +64,8 @@ COMPRESS_LEVEL = 6
 # the application waits for, so the size only trades round trips for memory.
 EXPORT_PAGE_ROWS = 10_000
 MANIFEST_SUFFIX = ".manifest.json"
+# Uncompressed bytes read at a time when a file is verified.
+VERIFY_CHUNK_BYTES = 1 << 20
 
 
 class ArchiveFileError(Exception):
@@ -152,7 +161,25 @@ def _write_durably(path: Path, content: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def export_file(
+@dataclass(frozen=True)
+class WrittenFile:
+    """A data file written and fsynced under its temporary name, not verified yet."""
+
+    directory: Path
+    stem: str
+    manifest: Manifest
+    ids: Sequence[int]
+
+    @property
+    def temporary(self) -> Path:
+        return self.directory / f".{self.stem}{DATA_SUFFIX}.tmp"
+
+    def discard(self) -> None:
+        """Remove the file; none of its rows was deleted, so nothing is lost."""
+        self.temporary.unlink(missing_ok=True)
+
+
+def write_file(
     engine: Engine,
     directory: Path,
     walk: Walk,
@@ -164,19 +191,19 @@ def export_file(
     sequence: int,
     stop_requested: Callable[[], bool],
     read_rows: Callable[[Connection, Walk, int, int], list[Any]] = read_page,
-) -> tuple[Manifest, Sequence[int]] | None:
-    """Write the next eligible rows (at most max_rows) to a verified archive file.
+) -> WrittenFile | None:
+    """Write the next eligible rows (at most max_rows) to a temporary data file.
 
-    Returns the file's manifest and the ids of its rows in file order, or
-    None when no row is eligible or when a stop was requested before the
-    file was complete. In both cases no file is left behind. `read_rows`
-    reads each page; partition retirement passes one that reads a single
-    partition.
+    This is step 1 and the fsync of step 2; finish_file does the rest.
+    Returns None when no row is eligible or when a stop was requested before
+    the file was complete; no file is then left behind. `read_rows` reads
+    each page where Python encodes the lines; partition retirement passes
+    one that reads a single partition.
     """
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"voucher_audit_logs.run{run_id:08d}.{sequence:05d}"
     temporary = directory / f".{stem}{DATA_SUFFIX}.tmp"
-    try:
+    with _removed_on_failure(directory, stem):
         written = _write_rows(
             engine, temporary, stem, walk, after_id, max_rows, page_size, run_id, stop_requested,
             read_rows,
@@ -185,7 +212,17 @@ def export_file(
             temporary.unlink(missing_ok=True)
             return None
         manifest, ids = written
-        verify_data_file(temporary, manifest)
+        return WrittenFile(directory, stem, manifest, ids)
+
+
+def finish_file(written: WrittenFile) -> tuple[Manifest, Sequence[int]]:
+    """Verify a written file, write its manifest and give both their final names.
+
+    Returns the manifest and the ids of the file's rows, in file order.
+    """
+    directory, stem, manifest = written.directory, written.stem, written.manifest
+    with _removed_on_failure(directory, stem):
+        verify_data_file(written.temporary, manifest)
         taken = [path.name for path in (directory / f"{stem}{DATA_SUFFIX}",
                                          directory / f"{stem}{MANIFEST_SUFFIX}")
                  if path.exists()]
@@ -197,14 +234,21 @@ def export_file(
             )
         manifest_temporary = directory / f".{stem}{MANIFEST_SUFFIX}.tmp"
         _write_durably(manifest_temporary, json.dumps(manifest.to_json(), indent=2).encode())
-        os.replace(temporary, directory / f"{stem}{DATA_SUFFIX}")
+        os.replace(written.temporary, directory / f"{stem}{DATA_SUFFIX}")
         os.replace(manifest_temporary, directory / f"{stem}{MANIFEST_SUFFIX}")
         _fsync_directory(directory)
-        return manifest, ids
+        return manifest, written.ids
+
+
+@contextmanager
+def _removed_on_failure(directory: Path, stem: str) -> Iterator[None]:
+    """Remove the temporary files of stem when the block fails, and name the folder."""
+    try:
+        yield
     except BaseException as exc:
         # Disk full, a read error or an interrupt: nothing was deleted yet,
         # so removing the partial files loses nothing.
-        temporary.unlink(missing_ok=True)
+        (directory / f".{stem}{DATA_SUFFIX}.tmp").unlink(missing_ok=True)
         (directory / f".{stem}{MANIFEST_SUFFIX}.tmp").unlink(missing_ok=True)
         if isinstance(exc, OSError):
             # A write error such as ENOSPC names no file, so name the folder.
@@ -221,42 +265,31 @@ def _write_rows(
     read_rows,
 ) -> tuple[Manifest, Sequence[int]] | None:
     digest = hashlib.sha256()
-    # 8 bytes an id, so a file of 10 million rows keeps 80 MB, not 300.
-    ids = array("q")
-    first: Key | None = None
-    last: Key | None = None
-    from_server = False
+    metadata_kind = None
     if read_rows is read_page:
         with engine.connect() as connection:
-            from_server = archive_lines_from_server(connection)
+            metadata_kind = server_metadata_kind(connection)
     with open(temporary, "wb") as raw:
         # mtime=0 keeps the gzip header free of the write time, so the same
         # rows always give the same bytes.
         with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0,
                            compresslevel=COMPRESS_LEVEL) as compressed:
-            while len(ids) < max_rows:
-                size = min(page_size, max_rows - len(ids))
-                with engine.connect() as connection:
-                    if from_server:
-                        page = read_archive_lines(connection, walk, after_id, size)
-                        chunk = "".join(row.line + "\n" for row in page).encode()
-                    else:
-                        page = read_rows(connection, walk, after_id, size)
-                        chunk = b"".join(row_to_line(row) for row in page)
-                if not page:
-                    break
+
+            def write(chunk: bytes) -> None:
                 compressed.write(chunk)
                 digest.update(chunk)
-                first = first or Key(as_utc(page[0].created_at), page[0].id)
-                last = Key(as_utc(page[-1].created_at), page[-1].id)
-                after_id = last.id
-                ids.extend(row.id for row in page)
-                if stop_requested():
-                    return None
+
+            if metadata_kind:
+                written = _copy_from_server(engine, walk, after_id, max_rows, metadata_kind,
+                                            write)
+            else:
+                written = _read_in_pages(engine, walk, after_id, max_rows, page_size, read_rows,
+                                         write, stop_requested)
+            if written is None:
+                return None
         raw.flush()
         os.fsync(raw.fileno())
-    if not ids or first is None or last is None:
-        return None
+    ids, first, last = written
     manifest = Manifest(
         name=f"{stem}{DATA_SUFFIX}",
         rows=len(ids),
@@ -274,6 +307,67 @@ def _write_rows(
     return manifest, ids
 
 
+def lines_built_by_server(engine: Engine) -> bool:
+    """Tell whether write_file has PostgreSQL build the lines (json or jsonb metadata)."""
+    with engine.connect() as connection:
+        return server_metadata_kind(connection) is not None
+
+
+def _copy_from_server(engine, walk, after_id, max_rows, metadata_kind, write):
+    """Write the lines of the next max_rows eligible rows, built by PostgreSQL.
+
+    The ids and the lines are read in one REPEATABLE READ transaction, so
+    both see the same rows, and the line count is checked against the ids.
+    """
+    lines = 0
+
+    def counted(chunk: bytes) -> None:
+        nonlocal lines
+        lines += chunk.count(b"\n")
+        write(chunk)
+
+    with engine.connect() as connection:
+        connection.execution_options(isolation_level="REPEATABLE READ")
+        with connection.begin():
+            ids = eligible_ids(connection, walk, after_id, max_rows)
+            if not ids:
+                return None
+            times = created_at_of(connection, [ids[0], ids[-1]])
+            copy_archive_lines(connection, walk, after_id, ids[-1], metadata_kind, counted)
+    if lines != len(ids):
+        raise ArchiveFileError(
+            f"the export of ids {ids[0]} to {ids[-1]} gave {lines} lines for {len(ids)} "
+            "rows. No row of it was deleted."
+        )
+    return (array("q", ids), Key(as_utc(times[ids[0]]), ids[0]),
+            Key(as_utc(times[ids[-1]]), ids[-1]))
+
+
+def _read_in_pages(engine, walk, after_id, max_rows, page_size, read_rows, write,
+                   stop_requested):
+    """Write the lines of the next max_rows eligible rows, formatted by Python."""
+    # 8 bytes an id, so a file of 10 million rows keeps 80 MB, not 300.
+    ids = array("q")
+    first: Key | None = None
+    last: Key | None = None
+    while len(ids) < max_rows:
+        size = min(page_size, max_rows - len(ids))
+        with engine.connect() as connection:
+            page = read_rows(connection, walk, after_id, size)
+        if not page:
+            break
+        write(b"".join(row_to_line(row) for row in page))
+        first = first or Key(as_utc(page[0].created_at), page[0].id)
+        last = Key(as_utc(page[-1].created_at), page[-1].id)
+        after_id = last.id
+        ids.extend(row.id for row in page)
+        if stop_requested():
+            return None
+    if first is None or last is None:
+        return None
+    return ids, first, last
+
+
 def iter_lines(path: Path) -> Iterator[bytes]:
     """Yield the uncompressed lines of an archive file."""
     with gzip.open(path, "rb") as handle:
@@ -285,10 +379,11 @@ def verify_data_file(path: Path, manifest: Manifest) -> None:
     digest = hashlib.sha256()
     count = 0
     try:
-        for line in iter_lines(path):
-            digest.update(line)
-            count += 1
-    except (OSError, EOFError) as exc:
+        with gzip.open(path, "rb") as handle:
+            while chunk := handle.read(VERIFY_CHUNK_BYTES):
+                digest.update(chunk)
+                count += chunk.count(b"\n")
+    except (OSError, EOFError, zlib.error) as exc:
         raise ArchiveFileError(f"archive file {path} cannot be read: {exc}") from exc
     if count != manifest.rows or digest.hexdigest() != manifest.sha256:
         raise ArchiveFileError(
@@ -348,7 +443,7 @@ def delete_archived_rows(
         chunk = ids[position:position + sizer.size]
         position += len(chunk)
         started = time.monotonic()
-        count = delete_ids(engine, chunk, manifest.cutoff)
+        count = delete_listed(engine, chunk, manifest.cutoff)
         if not on_batch(count, time.monotonic() - started) and position < len(ids):
             return False
     with engine.begin() as connection:

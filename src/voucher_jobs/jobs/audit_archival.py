@@ -15,6 +15,7 @@ Modes: `delete` removes the rows; `archive-table` moves them to
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -196,28 +197,49 @@ def _run_file_mode(engine, parameters, context, walk, after_id, sizer, eligible)
     # A retry of this run, after a transient error, numbers its files after
     # those of the earlier attempts, so that no name is used twice.
     sequence = archive_files.files_of_run(engine, context.run_id)
-    while after_id < walk.end_id:
-        sequence += 1
-        exported = archive_files.export_file(
+
+    def write(after: int, number: int) -> archive_files.WrittenFile | None:
+        return archive_files.write_file(
             engine,
             directory,
             walk,
-            after_id,
+            after,
             max_rows=parameters.archive_file_rows,
             page_size=archive_files.EXPORT_PAGE_ROWS,
             run_id=context.run_id,
-            sequence=sequence,
+            sequence=number,
             stop_requested=context.stop_requested,
         )
-        if exported is None:
-            break
-        manifest, ids = exported
-        archive_files.register(engine, manifest)
-        files.append(manifest.name)
-        context.log("archive_file_exported", file=manifest.name, rows=manifest.rows,
-                    sha256=manifest.sha256)
-        after_id = manifest.last_key.id
-        complete = archive_files.delete_archived_rows(engine, manifest, ids, sizer, on_batch)
-        if not complete or context.stop_requested() or limits.reached(batches, started):
-            break
+
+    # When PostgreSQL builds the lines, a second thread writes the next
+    # file while this one verifies the current file and deletes its rows:
+    # the writing keeps a server process and the compression busy, the
+    # deletes another server process and the disk. On SQLite both would
+    # wait for the same lock, so there the steps take turns.
+    overlap = archive_files.lines_built_by_server(engine)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-writer") as writer:
+        upcoming: Future[archive_files.WrittenFile | None] | None = None
+        while after_id < walk.end_id:
+            sequence += 1
+            written = upcoming.result() if upcoming else write(after_id, sequence)
+            upcoming = None
+            if written is None:
+                break
+            after_id = written.manifest.last_key.id
+            if overlap and after_id < walk.end_id and not context.stop_requested():
+                upcoming = writer.submit(write, after_id, sequence + 1)
+            manifest, ids = archive_files.finish_file(written)
+            archive_files.register(engine, manifest)
+            files.append(manifest.name)
+            context.log("archive_file_exported", file=manifest.name, rows=manifest.rows,
+                        sha256=manifest.sha256)
+            complete = archive_files.delete_archived_rows(engine, manifest, ids, sizer, on_batch)
+            if not complete or context.stop_requested() or limits.reached(batches, started):
+                break
+        if upcoming is not None:
+            # The run stops while the next file is being written. None of
+            # its rows was deleted, so the next run writes them again.
+            leftover = upcoming.result()
+            if leftover is not None:
+                leftover.discard()
     return removed, batches, context.stop_requested(), {"files": files}

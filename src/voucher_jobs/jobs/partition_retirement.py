@@ -233,7 +233,7 @@ class _ArchiveStep:
         sequence = archive_files.files_of_run(self.engine, self.context.run_id)
         while after_id < walk.end_id:
             sequence += 1
-            result = archive_files.export_file(
+            written = archive_files.write_file(
                 self.engine,
                 self.parameters.archive_dir,
                 walk,
@@ -245,9 +245,9 @@ class _ArchiveStep:
                 stop_requested=self.context.stop_requested,
                 read_rows=reader,
             )
-            if result is None:
+            if written is None:
                 break
-            manifest, _ids = result
+            manifest, _ids = archive_files.finish_file(written)
             archive_files.register(self.engine, manifest)
             self.files.append(manifest.name)
             self.context.log("archive_file_exported", file=manifest.name, rows=manifest.rows,

@@ -36,7 +36,6 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.exc import IntegrityError
 
 from voucher_jobs.data.schema import audit_archive, voucher_audit_logs
@@ -332,11 +331,24 @@ def archive_line_sql(metadata_kind: str) -> str:
     return _ARCHIVE_LINE_POSTGRESQL.format(metadata=metadata)
 
 
-def eligible_ids(connection: Connection, walk: Walk, after_id: int, limit: int) -> list[int]:
-    """Return the ids of the next `limit` eligible rows above after_id, in id order."""
-    page = eligible(walk, after_id).limit(limit).subquery()
-    ids = select(func.array_agg(aggregate_order_by(page.c.id, page.c.id)))
-    return connection.execute(ids).scalar() or []
+def eligible_ids(connection: Connection, walk: Walk, after_id: int, limit: int,
+                 table: str = "voucher_audit_logs") -> list[int]:
+    """Return the ids of the next `limit` eligible rows above after_id, in id order.
+
+    PostgreSQL only. `table` is the quoted name of the table to read, the
+    parent or one of its partitions.
+    """
+    query = text(
+        f"SELECT array_agg(id ORDER BY id) FROM (SELECT id FROM {table} "
+        "WHERE id > :after_id AND id <= :end_id AND created_at < :cutoff "
+        "ORDER BY id LIMIT :limit) AS page"
+    ).bindparams(
+        bindparam("after_id", after_id, BigId),
+        bindparam("end_id", walk.end_id, BigId),
+        bindparam("cutoff", walk.cutoff, UTCDateTime()),
+        bindparam("limit", limit),
+    )
+    return connection.execute(query).scalar() or []
 
 
 def created_at_of(connection: Connection, ids: Sequence[int]) -> dict[int, datetime]:
@@ -354,15 +366,17 @@ def copy_archive_lines(
     upper_id: int,
     metadata_kind: str,
     write: Callable[[bytes], None],
+    table: str = "voucher_audit_logs",
 ) -> None:
     """Stream the archive lines of the eligible rows in (after_id, upper_id] to write.
 
     PostgreSQL only. The lines come with one `COPY ... TO STDOUT`, in id
     order, and reach `write` in chunks of about a megabyte that end at a
-    line break.
+    line break. `table` is the quoted name of the table to read, as for
+    eligible_ids.
     """
     query = (
-        f"COPY (SELECT {archive_line_sql(metadata_kind)} FROM voucher_audit_logs "
+        f"COPY (SELECT {archive_line_sql(metadata_kind)} FROM {table} "
         "WHERE id > %(after_id)s AND id <= %(upper_id)s AND created_at < %(cutoff)s "
         f"ORDER BY id) TO STDOUT WITH ({COPY_LINE_OPTIONS})"
     )

@@ -191,14 +191,16 @@ def write_file(
     sequence: int,
     stop_requested: Callable[[], bool],
     read_rows: Callable[[Connection, Walk, int, int], list[Any]] = read_page,
+    table: str = "voucher_audit_logs",
 ) -> WrittenFile | None:
     """Write the next eligible rows (at most max_rows) to a temporary data file.
 
     This is step 1 and the fsync of step 2; finish_file does the rest.
     Returns None when no row is eligible or when a stop was requested before
     the file was complete; no file is then left behind. `read_rows` reads
-    each page where Python encodes the lines; partition retirement passes
-    one that reads a single partition.
+    each page where Python encodes the lines, and `table` is the quoted name
+    of the table that PostgreSQL reads where it builds them; partition
+    retirement passes a single partition to both.
     """
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"voucher_audit_logs.run{run_id:08d}.{sequence:05d}"
@@ -206,7 +208,7 @@ def write_file(
     with _removed_on_failure(directory, stem):
         written = _write_rows(
             engine, temporary, stem, walk, after_id, max_rows, page_size, run_id, stop_requested,
-            read_rows,
+            read_rows, table,
         )
         if written is None:
             temporary.unlink(missing_ok=True)
@@ -262,13 +264,11 @@ def _removed_on_failure(directory: Path, stem: str) -> Iterator[None]:
 
 def _write_rows(
     engine, temporary, stem, walk, after_id, max_rows, page_size, run_id, stop_requested,
-    read_rows,
+    read_rows, table,
 ) -> tuple[Manifest, Sequence[int]] | None:
     digest = hashlib.sha256()
-    metadata_kind = None
-    if read_rows is read_page:
-        with engine.connect() as connection:
-            metadata_kind = server_metadata_kind(connection)
+    with engine.connect() as connection:
+        metadata_kind = server_metadata_kind(connection)
     with open(temporary, "wb") as raw:
         # mtime=0 keeps the gzip header free of the write time, so the same
         # rows always give the same bytes.
@@ -281,7 +281,7 @@ def _write_rows(
 
             if metadata_kind:
                 written = _copy_from_server(engine, walk, after_id, max_rows, metadata_kind,
-                                            write)
+                                            write, table)
             else:
                 written = _read_in_pages(engine, walk, after_id, max_rows, page_size, read_rows,
                                          write, stop_requested)
@@ -313,7 +313,7 @@ def lines_built_by_server(engine: Engine) -> bool:
         return server_metadata_kind(connection) is not None
 
 
-def _copy_from_server(engine, walk, after_id, max_rows, metadata_kind, write):
+def _copy_from_server(engine, walk, after_id, max_rows, metadata_kind, write, table):
     """Write the lines of the next max_rows eligible rows, built by PostgreSQL.
 
     The ids and the lines are read in one REPEATABLE READ transaction, so
@@ -329,11 +329,12 @@ def _copy_from_server(engine, walk, after_id, max_rows, metadata_kind, write):
     with engine.connect() as connection:
         connection.execution_options(isolation_level="REPEATABLE READ")
         with connection.begin():
-            ids = eligible_ids(connection, walk, after_id, max_rows)
+            ids = eligible_ids(connection, walk, after_id, max_rows, table)
             if not ids:
                 return None
             times = created_at_of(connection, [ids[0], ids[-1]])
-            copy_archive_lines(connection, walk, after_id, ids[-1], metadata_kind, counted)
+            copy_archive_lines(connection, walk, after_id, ids[-1], metadata_kind, counted,
+                               table)
     if lines != len(ids):
         raise ArchiveFileError(
             f"the export of ids {ids[0]} to {ids[-1]} gave {lines} lines for {len(ids)} "

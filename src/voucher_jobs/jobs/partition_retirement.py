@@ -244,6 +244,7 @@ class _ArchiveStep:
                 sequence=sequence,
                 stop_requested=self.context.stop_requested,
                 read_rows=reader,
+                table=self.partition.qualified_name,
             )
             if written is None:
                 break

@@ -99,11 +99,17 @@ def describe_drivers() -> dict[str, str]:
     # libpq 10 and later report major * 10000 + minor.
     libpq = psycopg.pq.version()
     return {
-        "Python": f"{platform.python_version()} ({sys.executable})",
+        "Python": _describe_python(),
         "SQLite": f"{sqlite3.sqlite_version} (the library of Python's sqlite3 module)",
         "psycopg": (f"{psycopg.__version__}, {psycopg.pq.__impl__} implementation, "
                     f"libpq {libpq // 10000}.{libpq % 10000}"),
     }
+
+
+def _describe_python() -> str:
+    """Describe the interpreter without its path, which is local to this machine."""
+    venv = ", virtual environment" if sys.prefix != sys.base_prefix else ""
+    return f"{platform.python_version()} ({platform.python_implementation()}{venv})"
 
 
 def locked_packages() -> list[tuple[str, str, str]]:

@@ -21,10 +21,15 @@ from benchmarks.datasets import (
     EXPIRY_SPREAD_DAYS,
     NEWEST_AUDIT_AGE_SECONDS,
     RETENTION_DAYS,
+    ArchivalCase,
     ExpiryCase,
     fill_audit_rows,
     fill_vouchers,
 )
+from benchmarks.report import PATH_PLACEHOLDER, Report, RunInfo
+from benchmarks.results import IDLE, JOB, RERUN, SEED, SINGLE, Measurement
+from benchmarks.targets import MET, MISSED, NOT_MEASURED, evaluate
+from benchmarks.writer import WriterStats
 from tests.conftest import DEFAULT_POSTGRES_URL, T0, Database
 from voucher_jobs.data.schema import voucher_audit_logs, vouchers
 
@@ -54,6 +59,8 @@ TARGETS = [
     "peak RSS flat",
     "SQLite writer errors",
 ]
+# The targets that only PostgreSQL with append-ordered data judges.
+CASE_TARGETS = TARGETS[:6]
 # Cells that have no figure by design: nothing to rerun or batch once every
 # voucher is logged, and no archive file outside archive-file mode.
 EMPTY_BY_DESIGN = {
@@ -147,12 +154,39 @@ def test_smoke_preset_report(postgres_url: str, tmp_path: Path) -> None:
     assert len(target_rows) == len(TARGETS)
     for name, row in zip(TARGETS, target_rows):
         assert row["target"].startswith(name)
+        if name in CASE_TARGETS:
+            # The smoke preset runs the shuffled layout only, so nothing
+            # judges the targets defined for append-ordered data.
+            assert row["result"] == "not measured", row
+            assert row["where"] == "-", row
+            continue
         if name.startswith("peak RSS flat"):
             # The smoke preset has one size per job and mode: nothing to compare.
             assert row["result"] == "not measured", row
             continue
         assert row["result"] in ("met", "MISSED"), row
         assert row["worst measured"] not in ("-", "no figure"), row
+
+    reported = sections["### Same figures, reported for the other cases"][0]
+    assert len(reported) == len(CASE_TARGETS)
+    for name, row in zip(CASE_TARGETS, reported):
+        assert row["target"].startswith(name)
+        assert row["SQLite, append"] == "not measured", row
+        for column in ("PostgreSQL, shuffled", "SQLite, shuffled"):
+            assert re.fullmatch(r"[\d,.]+ ?(x|s|ms) \((within|outside)\)", row[column]), row
+
+    summary = [line for line in report.splitlines() if line.startswith("- ")]
+    assert summary[0] == ("- On PostgreSQL with append-ordered data, the run measured "
+                          "none of the 6 job targets.")
+    assert summary[1].startswith("- Over every case, ")
+    assert summary[2].startswith("- On SQLite, ")
+    assert summary[3].startswith("- Reported, not judged: ")
+    assert "SQLite with append-ordered data" in summary[3]
+
+    assert str(tmp_path) not in report
+    assert str(ROOT) not in report
+    assert sys.executable not in report
+    assert f"--work-dir {PATH_PLACEHOLDER}" in header["command"]
 
     for backend in ("SQLite", "PostgreSQL"):
         expiry = sections[f"## voucher-expired on {backend}"]
@@ -187,6 +221,121 @@ def test_smoke_preset_report(postgres_url: str, tmp_path: Path) -> None:
     assert sum("extrapolated from" in line for line in measured) == 2 * 2
     assert sum("writer p50/p99" in line for line in measured) == 2 * 7
     assert "## Targets" in stdout
+
+
+def writer_stats(p99_ms: float) -> WriterStats:
+    return WriterStats(inserts=100, p50_ms=1.0, p99_ms=p99_ms, max_ms=p99_ms, locked=0,
+                       other_errors=0)
+
+
+def expiry_steps(backend: str, layout: str, job_seconds: float) -> list[Measurement]:
+    """Return the voucher-expired steps of one case, whose single statement takes 1 s."""
+    expired = ExpiryCase(layout, 1_000, 25, 0)
+    logged = ExpiryCase(layout, 1_000, 25, 100)
+    return [
+        Measurement(backend, expired, SEED, rows=250, seconds=500.0),
+        Measurement(backend, expired, SINGLE, rows=250, seconds=1.0),
+        Measurement(backend, expired, JOB, rows=250, seconds=job_seconds, peak_rss_mib=60.0),
+        Measurement(backend, expired, RERUN, rows=0, seconds=0.01, peak_rss_mib=60.0),
+        Measurement(backend, logged, JOB, rows=0, seconds=0.02, peak_rss_mib=60.0),
+    ]
+
+
+def archival_steps(backend: str, layout: str, job_seconds: float,
+                   longest_batch_ms: float = 50.0) -> list[Measurement]:
+    """Return the audit-archival steps of one case, whose single statement takes 1 s."""
+    case = ArchivalCase(layout, 10_000, 40)
+    return [
+        Measurement(backend, case, IDLE, writer=writer_stats(2.0)),
+        Measurement(backend, case, SINGLE, "delete", rows=4_000, seconds=1.0,
+                    writer=writer_stats(2.0)),
+        Measurement(backend, case, JOB, "delete", rows=4_000, seconds=job_seconds,
+                    longest_batch_ms=longest_batch_ms, peak_rss_mib=70.0,
+                    writer=writer_stats(2.0)),
+    ]
+
+
+def test_targets_judged_on_postgresql_append() -> None:
+    # The shuffled layout and SQLite are slower, which must not judge the targets.
+    measurements = [
+        *expiry_steps("postgresql", "append", job_seconds=1.1),
+        *archival_steps("postgresql", "append", job_seconds=1.0),
+        *expiry_steps("postgresql", "shuffled", job_seconds=3.0),
+        *archival_steps("postgresql", "shuffled", job_seconds=4.0),
+        *archival_steps("sqlite", "append", job_seconds=5.0),
+    ]
+    evaluation = evaluate(measurements)
+
+    assert [t.status for t in evaluation.case_targets] == [MET] * 6
+    for target in evaluation.case_targets:
+        assert target.where.startswith("postgresql, append, "), target
+    shuffled = evaluation.reported[("postgresql", "shuffled")]
+    assert (shuffled[0].worst, shuffled[0].status) == ("3.00x", MISSED)
+    assert (shuffled[3].worst, shuffled[3].status) == ("0.25x", MISSED)
+    sqlite_append = evaluation.reported[("sqlite", "append")]
+    assert sqlite_append[0].status == NOT_MEASURED
+    assert (sqlite_append[3].worst, sqlite_append[3].status) == ("0.20x", MISSED)
+    assert [t.status for t in evaluation.reported[("sqlite", "shuffled")]] == [NOT_MEASURED] * 6
+    # Peak RSS stays judged over every case.
+    assert evaluation.memory_targets[0].status == MET
+    assert evaluation.memory_targets[0].worst == "70.0 MiB"
+
+
+def test_targets_without_postgresql_append() -> None:
+    measurements = [
+        *expiry_steps("postgresql", "shuffled", job_seconds=1.0),
+        *archival_steps("sqlite", "append", job_seconds=1.0),
+    ]
+    evaluation = evaluate(measurements)
+
+    for target in evaluation.case_targets:
+        assert target.status == NOT_MEASURED, target
+        assert target.where == "-", target
+    assert evaluation.reported[("postgresql", "shuffled")][0].status == MET
+    assert evaluation.memory_targets[0].status == MET
+    assert evaluation.sqlite_targets[0].status == MET
+
+
+def test_report_targets_summary_and_paths() -> None:
+    measurements = [
+        *expiry_steps("postgresql", "append", job_seconds=1.1),
+        *archival_steps("postgresql", "append", job_seconds=1.0, longest_batch_ms=250.0),
+        *expiry_steps("postgresql", "shuffled", job_seconds=3.0),
+        *archival_steps("postgresql", "shuffled", job_seconds=1.0),
+    ]
+    command = ("python3 dev.py bench --work-dir /tmp/bench-folder/work --output "
+               "/work/checkout/report.md --admin-url postgresql://me:hidden-word@127.0.0.1/db")
+    run = RunInfo(command=command, started="2026-01-01T00:00:00+00:00",
+                  options=[("extra job arguments", "--archive-dir /home/me/archives")])
+    report = Report(run, [], measurements, evaluate(measurements), method="").render()
+
+    summary = [line for line in report.splitlines() if line.startswith("- ")]
+    assert summary == [
+        "- On PostgreSQL with append-ordered data, 5 of 6 job targets are met. Missed: "
+        "audit-archival longest batch (250.0 ms).",
+        "- Over every case, 1 of 2 peak RSS targets is met. Not measured: peak RSS flat from the "
+        "smallest to the largest data set, per backend, job and mode.",
+        "- On SQLite, the \"database is locked\" target is not measured.",
+        "- Reported, not judged: 5 of 6 figures are within the limits on PostgreSQL with "
+        "shuffled data. The run did not measure SQLite with append-ordered data and "
+        "SQLite with shuffled data.",
+    ]
+    sections = tables_by_section(report)
+    judged = sections["## Targets"][0]
+    assert judged[4]["result"] == "MISSED"
+    assert judged[4]["where"].startswith("postgresql, append, ")
+    reported = sections["### Same figures, reported for the other cases"][0]
+    assert reported[0]["PostgreSQL, shuffled"] == "3.00x (outside)"
+    assert reported[4]["PostgreSQL, shuffled"] == "50.0 ms (within)"
+    assert reported[4]["SQLite, append"] == "not measured"
+
+    for local in ("/tmp/bench-folder", "/work/checkout", "/home/me", "hidden-word"):
+        assert local not in report
+    header = {row["item"]: row["value"] for row in sections["# Benchmarks"][0]}
+    assert header["command"] == (
+        f"`python3 dev.py bench --work-dir {PATH_PLACEHOLDER} --output {PATH_PLACEHOLDER} "
+        "--admin-url postgresql://me:***@127.0.0.1/db`")
+    assert header["extra job arguments"] == f"--archive-dir {PATH_PLACEHOLDER}"
 
 
 @pytest.mark.parametrize("layout", ["append", "shuffled"])

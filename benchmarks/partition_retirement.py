@@ -12,7 +12,8 @@ parent table was locked exclusively), the milliseconds of the DROP of the
 detached table that follows, and the seconds of the whole run. Then it
 drops the database. `--modes` adds archive-table and archive-file runs,
 whose copy or export happens before the exclusive lock, under a SHARE lock
-on the partition only. The figures are in docs/partitioning.md.
+on the partition only. The figures are in docs/partitioning.md, and `python3
+dev.py bench` measures the same with its partitions part.
 """
 
 from __future__ import annotations

@@ -77,3 +77,31 @@ class DatasetInfo:
     audit_rows: int
     fill_seconds: float
     size_bytes: int
+
+
+@dataclass
+class PartitionRun:
+    """One retirement of a whole old partition on PostgreSQL.
+
+    `detach_ms` runs from DETACH to the end of its COMMIT: the time the
+    parent table is locked exclusively. `drop_ms` is the DROP of the
+    detached table that follows. `run_seconds` is the whole audit-archival
+    run, with the archive modes' copy or export.
+    """
+
+    mode: str
+    rows: int
+    detach_ms: float | None = None
+    drop_ms: float | None = None
+    run_seconds: float | None = None
+    error: str | None = None
+
+    @property
+    def retirement_ms(self) -> float | None:
+        if self.detach_ms is None or self.drop_ms is None:
+            return None
+        return self.detach_ms + self.drop_ms
+
+    @property
+    def where(self) -> str:
+        return f"postgresql, partition of {self.rows:,} rows, {self.mode}"

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import psycopg
 
-from benchmarks import baselines, environment, targets
+from benchmarks import baselines, environment, partition_retirement, targets
 from benchmarks.backends import Backend, Database, PostgresServer, SqliteFolder, StorageGrowth
 from benchmarks.datasets import (
     LAYOUTS,
@@ -50,8 +50,18 @@ from benchmarks.datasets import (
 )
 from benchmarks.job_runs import run_job
 from benchmarks.report import METHOD_TEMPLATE, Report, RunInfo, describe, describe_ratios
-from benchmarks.results import IDLE, JOB, RERUN, SEED, SINGLE, DatasetInfo, Measurement
+from benchmarks.results import (
+    IDLE,
+    JOB,
+    RERUN,
+    SEED,
+    SINGLE,
+    DatasetInfo,
+    Measurement,
+    PartitionRun,
+)
 from benchmarks.writer import Writer, WriterStats
+from voucher_jobs.config import ArchiveMode
 from voucher_jobs.data import migrate
 from voucher_jobs.data.clock import database_now
 from voucher_jobs.data.engine import create_db_engine, mask_url
@@ -62,20 +72,23 @@ DEFAULT_OUTPUT = ROOT / "docs" / "benchmarks.md"
 BACKENDS = ("sqlite", "postgresql")
 JOBS = ("voucher-expired", "audit-archival")
 MODES = ("delete", "archive-table", "archive-file")
-PARTS = ("seed", "single", "jobs")
+PARTS = ("seed", "single", "jobs", "partitions")
 
 PRESETS: dict[str, dict[str, object]] = {
     # Checks that every step works, in CI, in well under a minute. It runs the
     # shuffled layout only, the worst case, because each job run starts a
     # process that needs about a second to import voucher-jobs.
     "smoke": dict(layouts=["shuffled"], vouchers=[2_000], expired=[25], logged=[0, 100],
-                  audit_rows=[5_000], seed_vouchers=20, seed_seconds=1.0, idle_seconds=0.5),
+                  audit_rows=[5_000], seed_vouchers=20, seed_seconds=1.0, idle_seconds=0.5,
+                  partition_rows=[1_000]),
     "standard": dict(layouts=list(LAYOUTS), vouchers=[100_000, 1_000_000], expired=[10, 25],
                      logged=[0, 100], audit_rows=[1_000_000, 5_000_000],
-                     seed_vouchers=2_000, seed_seconds=20.0, idle_seconds=10.0),
+                     seed_vouchers=2_000, seed_seconds=20.0, idle_seconds=10.0,
+                     partition_rows=[10_000, 1_000_000]),
     "large": dict(layouts=list(LAYOUTS), vouchers=[100_000, 1_000_000], expired=[10, 25],
                   logged=[0, 100], audit_rows=[1_000_000, 5_000_000, 10_000_000],
-                  seed_vouchers=2_000, seed_seconds=20.0, idle_seconds=10.0),
+                  seed_vouchers=2_000, seed_seconds=20.0, idle_seconds=10.0,
+                  partition_rows=[10_000, 1_000_000, 5_000_000]),
 }
 
 
@@ -123,10 +136,11 @@ def parse_options(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python3 dev.py bench",
         description=__doc__.split("\n\n")[0],
-        epilog="Options left out take the preset's values. smoke: 2k vouchers and 5k "
-               "audit rows, shuffled layout only. standard: 100k and 1m vouchers, each "
-               "10%% and 25%% expired and 0%% and 100%% logged; 1m and 5m audit rows. "
-               "large: standard plus 10m audit rows.",
+        epilog="Options left out take the preset's values. smoke: 2k vouchers, 5k "
+               "audit rows and a partition of 1k rows, shuffled layout only. standard: "
+               "100k and 1m vouchers, each 10%% and 25%% expired and 0%% and 100%% "
+               "logged; 1m and 5m audit rows; partitions of 10k and 1m rows. large: "
+               "standard plus 10m audit rows and a partition of 5m rows.",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="standard",
                         help="Data set sizes and caps (default: standard).")
@@ -143,7 +157,8 @@ def parse_options(argv: list[str]) -> argparse.Namespace:
                         help="audit-archival modes, comma-separated (default: all three).")
     parser.add_argument("--parts", type=list_of(str, PARTS), default=list(PARTS),
                         help="What to measure, comma-separated: seed (the seed "
-                        "algorithm), single (single statements), jobs (default: all).")
+                        "algorithm), single (single statements), jobs, partitions "
+                        "(retiring a whole old partition, PostgreSQL only; default: all).")
 
     # Data set sizes.
     parser.add_argument("--vouchers", type=list_of(parse_count),
@@ -154,6 +169,9 @@ def parse_options(argv: list[str]) -> argparse.Namespace:
                         help="Percentages of the expired vouchers already logged: 0, 100 or both.")
     parser.add_argument("--audit-rows", type=list_of(parse_count),
                         help="Audit row counts for audit-archival, such as 1m,5m.")
+    parser.add_argument("--partition-rows", type=list_of(parse_count),
+                        help="Rows of the old partition that the partitions part "
+                        "retires, such as 10k,1m.")
     parser.add_argument("--eligible", type=percent, default=40,
                         help="Percentage of audit rows past the %d-day retention "
                         "(default: 40)." % RETENTION_DAYS)
@@ -228,6 +246,7 @@ class Suite:
         self.work_dir = work_dir
         self.measurements: list[Measurement] = []
         self.datasets: list[DatasetInfo] = []
+        self.partition_runs: list[PartitionRun] = []
 
     def record(self, measurement: Measurement) -> None:
         self.measurements.append(measurement)
@@ -484,6 +503,7 @@ def describe_run(options: argparse.Namespace, argv: list[str], work_dir: Path,
          + f"; logged {', '.join(f'{p}%' for p in options.logged)}"),
         ("audit rows", ", ".join(f"{n:,}" for n in options.audit_rows)
          + f"; {options.eligible}% past the {RETENTION_DAYS}-day retention"),
+        ("partition rows", ", ".join(f"{n:,}" for n in options.partition_rows)),
         ("seed algorithm cap", f"{options.seed_vouchers:,} vouchers or "
                                f"{options.seed_seconds:g} s"),
         ("concurrent writer", f"{options.writer_rate:g} inserts/s, SQLite busy timeout "
@@ -506,6 +526,31 @@ def run_all(suite: Suite, backends: list[Backend]) -> None:
             if "audit-archival" in options.jobs:
                 for audit_rows in options.audit_rows:
                     suite.run_archival(backend, layout, audit_rows)
+    if ("partitions" in options.parts and "audit-archival" in options.jobs
+            and "postgresql" in options.backends):
+        run_partitions(suite)
+
+
+def run_partitions(suite: Suite) -> None:
+    """Retire one old partition of each size in each mode, on a database of its own."""
+    options = suite.options
+    for mode in options.modes:
+        for rows in options.partition_rows:
+            run = PartitionRun(mode, rows)
+            print(f"postgresql, partition of {rows:,} rows, {mode} ...", flush=True)
+            try:
+                figures = partition_retirement.measure(
+                    options.admin_url, rows, ArchiveMode(mode), len(suite.partition_runs) + 1)
+            except Exception as exc:  # noqa: BLE001 - the report names every failed step
+                run.error = f"{type(exc).__name__}: {exc}"
+            else:
+                run.detach_ms = figures["detach_ms"]
+                run.drop_ms = figures["drop_ms"]
+                run.run_seconds = figures["run_seconds"]
+            suite.partition_runs.append(run)
+            print(f"  {run.where}: detach {run.detach_ms} ms, DROP {run.drop_ms} ms, "
+                  f"run {run.run_seconds} s" + (f", {run.error}" if run.error else ""),
+                  flush=True)
 
 
 def write_report(suite: Suite, run: RunInfo) -> None:
@@ -513,10 +558,11 @@ def write_report(suite: Suite, run: RunInfo) -> None:
     options = suite.options
     run.finished = datetime.now().astimezone().isoformat(timespec="seconds")
     run.load_at_end = environment.load_average()
-    evaluated = targets.evaluate(suite.measurements)
+    evaluated = targets.evaluate(suite.measurements, suite.partition_runs)
     method = METHOD_TEMPLATE.format(writer_rate=f"{options.writer_rate:g}",
                                     busy_timeout=f"{options.writer_busy_timeout:g}")
-    text = Report(run, suite.datasets, suite.measurements, evaluated, method).render()
+    text = Report(run, suite.datasets, suite.measurements, evaluated, method,
+                  suite.partition_runs).render()
     print()
     print(text, flush=True)
     if options.output != "-":
@@ -548,7 +594,8 @@ def main(argv: list[str]) -> int:
     failed = 0
     try:
         run_all(suite, backends)
-        failed = sum(1 for m in suite.measurements if m.error)
+        failed = (sum(1 for m in suite.measurements if m.error)
+                  + sum(1 for r in suite.partition_runs if r.error))
         run.status = "complete" if not failed else f"complete, {failed} steps failed"
     except KeyboardInterrupt:
         run.status = "interrupted: the figures below are incomplete"

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from benchmarks.datasets import ArchivalCase, ExpiryCase
-from benchmarks.results import IDLE, JOB, RERUN, SEED, SINGLE, Measurement
+from benchmarks.results import IDLE, JOB, RERUN, SEED, SINGLE, Measurement, PartitionRun
 
 EXPIRY_VS_SINGLE_MAX = 1.2
 EXPIRY_VS_SEED_MIN = 100.0
@@ -26,6 +26,8 @@ PEAK_RSS_MAX_MIB = 150e6 / 2**20
 # "Flat": the peak at the largest scale is at most this much above the peak
 # at the smallest one.
 PEAK_RSS_GROWTH_MAX = 1.10
+# Retiring a whole partition: its DETACH transaction plus its DROP.
+PARTITION_RETIREMENT_MAX_MS = 50.0
 
 MET = "met"
 MISSED = "missed"
@@ -62,11 +64,13 @@ class Evaluation:
     memory_targets: list[TargetResult]
     sqlite_targets: list[TargetResult]
     reported: dict[tuple[str, str], list[TargetResult]]
+    partition_targets: list[TargetResult]
 
     @property
     def judged(self) -> list[TargetResult]:
         """Every judged target, in the order of the report's table."""
-        return [*self.case_targets, *self.memory_targets, *self.sqlite_targets]
+        return [*self.case_targets, *self.partition_targets, *self.memory_targets,
+                *self.sqlite_targets]
 
 
 class _Index:
@@ -86,8 +90,9 @@ class _Index:
         return [m for m in self.measurements if predicate(m)]
 
 
-def evaluate(measurements: list[Measurement]) -> Evaluation:
-    """Evaluate every target on the measurements of one run."""
+def evaluate(measurements: list[Measurement],
+             partition_runs: Iterable[PartitionRun] = ()) -> Evaluation:
+    """Evaluate every target on the measurements and partition retirements of one run."""
     index = _Index(measurements)
     largest_vouchers = max(
         (m.case.vouchers for m in measurements if isinstance(m.case, ExpiryCase)), default=None)
@@ -114,6 +119,7 @@ def evaluate(measurements: list[Measurement]) -> Evaluation:
         reported={case: _job_targets(_in_case(measurements, *case), largest_vouchers,
                                      writer_ran)
                   for case in REPORTED_CASES},
+        partition_targets=[_partition_retirement(list(partition_runs))],
     )
 
 
@@ -268,3 +274,16 @@ def _sqlite_locked(steps: list[Measurement]) -> TargetResult:
     worst = max(measured, key=lambda m: m.writer.locked)
     return TargetResult(name, limit, str(worst.writer.locked), worst.where,
                         MET if worst.writer.locked == 0 else MISSED)
+
+
+def _partition_retirement(runs: list[PartitionRun]) -> TargetResult:
+    name = "retirement of a whole partition (DETACH transaction + DROP), any row count"
+    limit = f"≤ {PARTITION_RETIREMENT_MAX_MS:.0f} ms"
+    if not runs:
+        return TargetResult(name, limit, "-", "-", NOT_MEASURED)
+    failed = [run for run in runs if run.retirement_ms is None]
+    if failed:
+        return TargetResult(name, limit, "no figure", failed[0].where, MISSED)
+    worst = max(runs, key=lambda run: run.retirement_ms)
+    return TargetResult(name, limit, f"{worst.retirement_ms:.1f} ms", worst.where,
+                        MET if worst.retirement_ms <= PARTITION_RETIREMENT_MAX_MS else MISSED)

@@ -43,6 +43,7 @@ SECTIONS = [
     "## audit-archival on SQLite",
     "## voucher-expired on PostgreSQL",
     "## audit-archival on PostgreSQL",
+    "## Partition retirement on PostgreSQL",
     "## Data sets",
     "## Method",
 ]
@@ -55,6 +56,7 @@ TARGETS = [
     "audit-archival rows/s ÷ single statement rows/s",
     "audit-archival longest batch",
     "writer p99 during audit-archival ÷ writer p99 on the idle database",
+    "retirement of a whole partition",
     "peak RSS of a job process",
     "peak RSS flat",
     "SQLite writer errors",
@@ -180,8 +182,16 @@ def test_smoke_preset_report(postgres_url: str, tmp_path: Path) -> None:
                           "none of the 6 job targets.")
     assert summary[1].startswith("- Over every case, ")
     assert summary[2].startswith("- On SQLite, ")
-    assert summary[3].startswith("- Reported, not judged: ")
-    assert "SQLite with append-ordered data" in summary[3]
+    assert summary[3].startswith("- On a partitioned audit table, the partition target is ")
+    assert summary[4].startswith("- Reported, not judged: ")
+    assert "SQLite with append-ordered data" in summary[4]
+
+    partitions = sections["## Partition retirement on PostgreSQL"][0]
+    assert [row["mode"] for row in partitions] == ["delete", "archive-table", "archive-file"]
+    for row in partitions:
+        assert row["partition rows"] == "1,000"
+        for column in ("detach transaction ms", "DROP ms", "detach + DROP ms", "run s"):
+            assert re.fullmatch(r"[\d,.]+", row[column]), row
 
     assert str(tmp_path) not in report
     assert str(ROOT) not in report
@@ -316,6 +326,7 @@ def test_report_targets_summary_and_paths() -> None:
         "- Over every case, 1 of 2 peak RSS targets is met. Not measured: peak RSS flat from the "
         "smallest to the largest data set, per backend, job and mode.",
         "- On SQLite, the \"database is locked\" target is not measured.",
+        "- On a partitioned audit table, the partition target is not measured.",
         "- Reported, not judged: 5 of 6 figures are within the limits on PostgreSQL with "
         "shuffled data. The run did not measure SQLite with append-ordered data and "
         "SQLite with shuffled data.",
@@ -373,3 +384,21 @@ def test_dataset_layouts(db: Database, layout: str) -> None:
     # Positions 0 to 400 of 1000 are older than the retention.
     cutoff = T0 - timedelta(days=RETENTION_DAYS)
     assert sum(moment < cutoff for moment in created) == 401
+
+
+def test_partition_target_judges_the_slowest_retirement() -> None:
+    from benchmarks.results import PartitionRun
+    from benchmarks.targets import evaluate
+
+    quick = PartitionRun("delete", 10_000, detach_ms=3.0, drop_ms=4.0, run_seconds=0.1)
+    slow = PartitionRun("archive-file", 1_000_000, detach_ms=5.0, drop_ms=55.0, run_seconds=4.0)
+    [target] = evaluate([], [quick, slow]).partition_targets
+    assert (target.worst, target.status) == ("60.0 ms", "missed")
+    assert target.where == "postgresql, partition of 1,000,000 rows, archive-file"
+
+    [target] = evaluate([], [quick]).partition_targets
+    assert (target.worst, target.status) == ("7.0 ms", "met")
+
+    failed = PartitionRun("archive-table", 10_000, error="OperationalError: gone")
+    [target] = evaluate([], [quick, failed]).partition_targets
+    assert (target.worst, target.status) == ("no figure", "missed")

@@ -110,7 +110,14 @@ def test_archive_table_keeps_every_column(db: Database) -> None:
         assert copy.run_id == run.id
 
 
-def test_archive_files_hold_each_row_once(db: Database) -> None:
+@pytest.mark.parametrize("page_rows", [10_000, 3])
+def test_archive_files_hold_each_row_once(db: Database, page_rows: int,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # With 3, the ids of a file are read 30 at a time, and the pages of
+    # Python-encoded lines hold 3 rows.
+    from voucher_jobs.jobs import archive_files as archive_files_module
+
+    monkeypatch.setattr(archive_files_module, "EXPORT_PAGE_ROWS", page_rows)
     fill_300_old_50_new(db)
     before = db.rows(select(voucher_audit_logs.c.id).where(voucher_audit_logs.c.created_at < CUTOFF))
     run, result = archive(db, mode=ArchiveMode.ARCHIVE_FILE, batch_size=40, archive_file_rows=128)

@@ -15,7 +15,7 @@ from voucher_jobs.config import ArchiveMode
 from voucher_jobs.data.schema import archive_files, audit_archive, voucher_audit_logs
 from voucher_jobs.jobs import audit_archival
 from voucher_jobs.jobs.base import BatchLimits
-from voucher_jobs.runner import execute
+from voucher_jobs.runner import RunFailed, execute
 
 RETENTION = 730
 CUTOFF = T0 - timedelta(days=RETENTION)
@@ -199,6 +199,28 @@ def test_listed_deletion_keeps_unlisted_rows_of_its_span(db: Database) -> None:
     assert delete_listed(db.engine, [7, 8, 9, 10], CUTOFF) == 2
     remaining = [row.id for row in db.rows(select(voucher_audit_logs.c.id))]
     assert remaining == [4]
+
+
+def test_archive_dir_without_unfinished_file(db: Database) -> None:
+    # The first run leaves a registered file whose rows are partly deleted.
+    # A run pointed at a folder that does not exist must not export those
+    # rows again into a second file.
+    fill_300_old_50_new(db)
+    run, _ = archive(db, mode=ArchiveMode.ARCHIVE_FILE, batch_size=50, max_batches=1,
+                     archive_file_rows=300)
+    assert run.rows_affected == 50
+    elsewhere = db.workdir / "elsewhere"
+    parameters = audit_archival.ArchivalParameters(
+        retention_days=RETENTION, mode=ArchiveMode.ARCHIVE_FILE, reference_time=T0,
+        limits=BatchLimits(batch_size=50), archive_dir=elsewhere,
+    )
+    with pytest.raises(RunFailed) as failure:
+        execute(db.engine, audit_archival.NAME, parameters, trigger="test",
+                handle_signals=False)
+    assert "voucher_audit_logs.run00000001.00001.jsonl.gz" in str(failure.value)
+    assert "manifest is missing" in str(failure.value)
+    assert not list(elsewhere.glob("*.jsonl.gz"))
+    assert db.count(voucher_audit_logs) == 300
 
 
 def add_rows_with_ids(db: Database, rows: list[tuple[int, object]]) -> None:

@@ -177,7 +177,7 @@ class WrittenFile:
         return self.directory / f".{self.stem}{DATA_SUFFIX}.tmp"
 
     def discard(self) -> None:
-        """Remove the file; none of its rows was deleted, so nothing is lost."""
+        """Remove the file. Call it only before the file's rows are deleted."""
         self.temporary.unlink(missing_ok=True)
 
 
@@ -200,8 +200,8 @@ def write_file(
     This is step 1 and the fsync of step 2; finish_file does the rest.
     Returns None when no row is eligible or when a stop was requested before
     the file was complete; no file is then left behind. `read_rows` reads
-    each page where Python encodes the lines, and `table` is the quoted name
-    of the table that PostgreSQL reads where it builds them; partition
+    each page where Python encodes the lines. `table` is the quoted name of
+    the table that PostgreSQL reads where it builds them. Partition
     retirement passes a single partition to both.
     """
     directory.mkdir(parents=True, exist_ok=True)
@@ -487,8 +487,9 @@ def unfinished_files(engine: Engine, directory: Path, log: Callable[..., None]) 
     Removes partial files, registers verified files that the crash left
     unregistered, and lists every registered file still in status exported.
     """
-    if not directory.exists():
-        return []
+    # A folder that does not exist holds no file, but the ledger may still
+    # list files of an earlier run as exported: those must stop the run
+    # below, or their rows would be exported a second time into this folder.
     for leftover in directory.glob(".*.tmp"):
         log("archive_file_partial_removed", file=leftover.name)
         leftover.unlink()
@@ -522,8 +523,9 @@ def unfinished_files(engine: Engine, directory: Path, log: Callable[..., None]) 
     if missing:
         raise ArchiveFileError(
             f"archive files {', '.join(sorted(missing))} are registered as exported but "
-            f"their manifest is missing from {directory}. Their rows were not all "
-            "deleted. Restore the files, or point VOUCHER_JOBS_ARCHIVE_DIR at the "
-            "folder that holds them."
+            f"their manifest is missing from {directory}. Some of their rows may still be "
+            "in voucher_audit_logs, and archiving them again would copy them into a second "
+            "file. Restore the files, or point --archive-dir (VOUCHER_JOBS_ARCHIVE_DIR) at "
+            "the folder that holds them."
         )
     return pending

@@ -167,7 +167,7 @@ def test_unfinished_file_is_completed_by_next_run(db: Database) -> None:
     assert db.count(voucher_audit_logs) == 50
 
 
-def test_run_stopped_between_files_leaves_only_finished_files(db: Database) -> None:
+def test_stop_between_files_discards_next(db: Database) -> None:
     # On PostgreSQL the next file is written while the rows of the current
     # one are deleted. A run that stops after the current file must not
     # leave the next one behind.
@@ -188,7 +188,7 @@ def test_run_stopped_between_files_leaves_only_finished_files(db: Database) -> N
     assert db.count(voucher_audit_logs) == 50
 
 
-def test_listed_deletion_keeps_unlisted_rows_of_its_span(db: Database) -> None:
+def test_listed_deletion_keeps_unlisted_rows(db: Database) -> None:
     from voucher_jobs.data.audit_batches import delete_listed
 
     add_rows_with_ids(db, [(row_id, CUTOFF - timedelta(hours=row_id)) for row_id in range(1, 11)])

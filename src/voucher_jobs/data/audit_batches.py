@@ -289,9 +289,9 @@ def read_page(connection: Connection, walk: Walk, after_id: int, size: int) -> l
 # archive_files.row_to_line: keys in sorted order, no spaces between items,
 # created_at in UTC with six fractional digits. The metadata document is
 # copied as the server prints it, which is valid JSON for json and jsonb
-# columns. A json column keeps the line breaks of the document it was given;
-# outside strings they are only spacing (inside strings JSON escapes them),
-# so they become spaces and each row stays one line.
+# columns. A json column keeps the line breaks of the document it was given.
+# JSON escapes line breaks inside strings, so the raw ones are only spacing
+# between tokens, and replacing them by spaces keeps each row on one line.
 _ARCHIVE_LINE_POSTGRESQL = """
     '{{"action":' || coalesce(to_json(action)::text, 'null')
     || ',"actor_type":' || coalesce(to_json(actor_type)::text, 'null')
@@ -303,10 +303,10 @@ _ARCHIVE_LINE_POSTGRESQL = """
     || ',"voucher_id":' || coalesce(voucher_id::text, 'null')
     || '}}'
 """
-# CSV with control characters as delimiter and quote: a line holds neither
-# (JSON escapes control characters) nor a line break, so COPY sends each
-# line as it is, without the quoting and backslash escapes of its other
-# formats.
+# CSV with control characters as delimiter and quote. A line contains
+# neither of them (JSON escapes control characters) and no line break, so
+# COPY sends each line unchanged, without the quoting and backslash escapes
+# of its other formats.
 COPY_LINE_OPTIONS = "FORMAT csv, DELIMITER E'\\x01', QUOTE E'\\x02'"
 _COPY_BUFFER_BYTES = 1 << 20
 
@@ -324,7 +324,7 @@ def server_metadata_kind(connection: Connection) -> str | None:
 
 
 def archive_line_sql(metadata_kind: str) -> str:
-    """The SQL expression of a row's archive line, for a json or jsonb metadata column."""
+    """Return the SQL expression of a row's archive line, for a json or jsonb metadata column."""
     metadata = "metadata::text"
     if metadata_kind == "json":
         metadata = "translate(metadata::text, E'\\n\\r', '  ')"
@@ -398,9 +398,9 @@ def delete_listed(engine: Engine, ids: Sequence[int], cutoff: datetime) -> int:
 
     It first deletes the span from the lowest to the highest listed id as
     one range scan, which is several times faster than looking each id up.
-    That deletion is kept only when it removed exactly the listed rows;
-    otherwise (some were deleted before, or the span holds other rows older
-    than the cutoff) it is rolled back and the rows are deleted by id.
+    That deletion is kept only when it removed exactly the listed rows.
+    Otherwise (some were deleted before, or the span contains other rows
+    older than the cutoff) it is rolled back and the rows are deleted by id.
     """
     if not ids:
         return 0
@@ -418,8 +418,8 @@ def _delete_span(connection: Connection, first_id: int, last_id: int, cutoff: da
                  ) -> list[int]:
     """Delete the rows older than cutoff with ids from first_id to last_id; return their ids."""
     if connection.dialect.name == "postgresql":
-        # The driver's own cursor: a result row object for each of 100,000
-        # ids would take longer than the deletion itself. The session's
+        # The driver's own cursor: building a result row object for each id
+        # took longer than the deletion itself in the benchmark. The session's
         # time zone is UTC (see data.engine), so an aware cutoff compares
         # right with both timestamp column types.
         with connection.connection.driver_connection.cursor() as cursor:

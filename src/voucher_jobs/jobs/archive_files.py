@@ -348,15 +348,15 @@ def _copy_from_server(engine, walk, after_id, max_rows, metadata_kind, write, ta
 def _ids_in_pages(connection, walk, after_id, max_rows, table) -> array:
     """Read the ids of the next max_rows eligible rows, a page of them per query.
 
-    A page at a time, so that a file of millions of rows never holds its ids
-    as a list of Python ints (about 36 bytes each), only in the array.
+    Paging keeps the ids of a file of millions of rows in the 8-byte array
+    only, never all of them as a list of Python ints (about 36 bytes each).
     """
     ids = array("q")
     while len(ids) < max_rows:
-        wanted = min(EXPORT_PAGE_ROWS * 10, max_rows - len(ids))
-        page = eligible_ids(connection, walk, after_id, wanted, table)
+        page_size = min(EXPORT_PAGE_ROWS * 10, max_rows - len(ids))
+        page = eligible_ids(connection, walk, after_id, page_size, table)
         ids.extend(page)
-        if len(page) < wanted:
+        if len(page) < page_size:
             break
         after_id = page[-1]
     return ids
@@ -487,9 +487,9 @@ def unfinished_files(engine: Engine, directory: Path, log: Callable[..., None]) 
     Removes partial files, registers verified files that the crash left
     unregistered, and lists every registered file still in status exported.
     """
-    # A folder that does not exist holds no file, but the ledger may still
-    # list files of an earlier run as exported: those must stop the run
-    # below, or their rows would be exported a second time into this folder.
+    # A folder that does not exist contains no file, but the ledger may still
+    # list files of an earlier run as exported. Those stop the run below,
+    # because their rows would otherwise be exported again into this folder.
     for leftover in directory.glob(".*.tmp"):
         log("archive_file_partial_removed", file=leftover.name)
         leftover.unlink()

@@ -212,10 +212,10 @@ def _run_file_mode(engine, parameters, context, walk, after_id, sizer, eligible)
         )
 
     # When PostgreSQL builds the lines, a second thread writes the next
-    # file while this one verifies the current file and deletes its rows:
-    # the writing keeps a server process and the compression busy, the
-    # deletes another server process and the disk. On SQLite both would
-    # wait for the same lock, so there the steps take turns.
+    # file while this one verifies the current file and deletes its rows.
+    # The writing uses one server process and the compression, the deletes
+    # another server process and the disk. On SQLite both would wait for
+    # the same lock, so there the steps take turns.
     overlap = archive_files.lines_built_by_server(engine)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-writer") as writer:
         upcoming: Future[archive_files.WrittenFile | None] | None = None
